@@ -1,0 +1,1 @@
+"""zeropur_export: build-time toolchain (needs torch)."""

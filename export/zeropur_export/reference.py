@@ -1,0 +1,220 @@
+"""The reference purifier: the one trusted definition of ZeroPur that every backend is checked against.
+
+The losses are written as pure functions of (victim, inputs) so that the exporter traces
+exactly these functions into the gradient graphs. The loop runs the lean formulation
+(AP constants computed once, one forward capturing every tap per AP step) or, as the
+"released-code cost" baseline, the re-computing formulation of the authors' code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zeropur_export.taps import Victim
+from zeropur_rt.blur import box_blur_weights
+from zeropur_rt.config import ZeroPurConfig
+from zeropur_rt.validate import check_images
+
+APMode = Literal["lean", "recompute"]
+_TINY = 1e-30  # floor under squared norms: keeps sqrt's gradient finite (0, not NaN) at zero distance
+_LPIPS_EPS = 1e-10
+
+
+# ---------------------------------------------------------------- blur (torch twin of zeropur_rt.blur)
+def blur_torch(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Pillow-exact GaussianBlur of floor(255*x) (quantised in float32), divided by 255; no gradient."""
+    w = box_blur_weights(sigma)
+    q = torch.floor(x.detach().to(torch.float32) * 255).clamp_(0, 255).to(torch.int64)
+    if w.box_radius != 0:
+        for dim in (-1, -2):
+            n = q.shape[dim]
+            idx = torch.arange(n, device=q.device)
+            gather = [torch.clamp(idx + k, 0, n - 1) for k in range(-w.radius - 1, w.radius + 2)]
+            for _ in range(3):
+                taps = [q.index_select(dim, g) for g in gather]
+                acc = torch.stack(taps[1:-1]).sum(0)
+                q = (acc * w.ww + (taps[0] + taps[-1]) * w.fw + (1 << 23)) >> 24
+    return (q.to(torch.float32) / 255).to(x.dtype)
+
+
+# ---------------------------------------------------------------- losses (traced by the exporter)
+def gs_loss(victim: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> torch.Tensor:
+    """Guided Shift loss: -mean cos(E(x), E(blur(x))), the blurred branch detached."""
+    e = victim.embed(x)
+    with torch.no_grad():
+        eb = victim.embed(x_blur)
+    return -F.cosine_similarity(e, eb, dim=1).mean()
+
+
+def safe_norm(v: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
+    """L2 norm whose gradient at zero is 0 instead of NaN (sqrt of a floored square sum)."""
+    return torch.sqrt(torch.clamp_min((v * v).sum(dim=dim, keepdim=keepdim), _TINY))
+
+
+def lpips_features(victim: Victim, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Self-LPIPS embedding: per layer unit-normalise over channels, divide by sqrt(H*W), flatten, concat."""
+    parts = []
+    for name in victim.spec.lpips:
+        f = taps[name]
+        f = f / (safe_norm(f, 1, keepdim=True) + _LPIPS_EPS)
+        parts.append(f.flatten(1) / float(np.sqrt(f.shape[2] * f.shape[3])))
+    return torch.cat(parts, dim=1)
+
+
+@dataclass
+class APConstants:
+    """What AP needs from (x_in, coarse), computed once per purification.
+
+    ``ila_dir[l]`` = h_l(coarse) - h_l(x_in) (divided by its per-sample norm + eps when the
+    normalised ILA is on). ``ila_offset[l]`` = <h_l(x_in), ila_dir[l]> per sample: a constant of
+    the loss with no gradient, kept only so that the reported ILA value is the paper's.
+    """
+
+    ila_dir: list[torch.Tensor]
+    lpips_ref: torch.Tensor
+    ila_offset: list[torch.Tensor] | None = field(default=None)
+
+
+def ap_constants(victim: Victim, x_in: torch.Tensor, coarse: torch.Tensor, cfg: ZeroPurConfig) -> APConstants:
+    _, t_in = victim.run(x_in)
+    _, t_c = victim.run(coarse)
+    dirs, offsets = [], []
+    for name in victim.spec.ila:
+        d = t_c[name] - t_in[name]
+        if cfg.ila_normalized:
+            d = d / (safe_norm(d.flatten(1), 1).view(-1, 1, 1, 1) + cfg.ila_norm_eps)
+        dirs.append(d)
+        offsets.append((t_in[name] * d).flatten(1).sum(1))
+    return APConstants(dirs, lpips_features(victim, t_in), offsets)
+
+
+def ap_loss_terms(victim: Victim, fine: torch.Tensor, c: APConstants) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ILA, LPIPS_self), both batch means, from one forward of ``fine`` that captures every tap."""
+    _, taps = victim.run(fine)
+    ila = fine.new_zeros(())
+    for l, name in enumerate(victim.spec.ila):
+        dot = (taps[name] * c.ila_dir[l]).flatten(1).sum(1)
+        if c.ila_offset is not None:
+            dot = dot - c.ila_offset[l]
+        ila = ila - dot.mean()
+    lp = safe_norm(lpips_features(victim, taps) - c.lpips_ref, 1).mean()
+    return ila, lp
+
+
+def ap_loss(victim: Victim, fine: torch.Tensor, c: APConstants, cfg: ZeroPurConfig) -> torch.Tensor:
+    ila, lp = ap_loss_terms(victim, fine, c)
+    return cfg.ila_weight * ila + cfg.lpips_weight * lp
+
+
+def ap_loss_recompute(victim: Victim, fine: torch.Tensor, x_in: torch.Tensor, coarse: torch.Tensor,
+                      cfg: ZeroPurConfig) -> torch.Tensor:
+    """The released code's AP step: every constant recomputed, ILA and LPIPS each with its own forwards."""
+    with torch.no_grad():
+        c_ila = ap_constants(victim, x_in, coarse, cfg)  # h(x_in), h(coarse): 2 forwards
+        c_lp = ap_constants(victim, x_in, x_in, cfg)  # LPIPS reference of x_in: 2 more
+    ila, _ = ap_loss_terms(victim, fine, c_ila)  # forward of fine for ILA
+    _, lp = ap_loss_terms(victim, fine, c_lp)  # and again for LPIPS
+    return cfg.ila_weight * ila + cfg.lpips_weight * lp
+
+
+# ---------------------------------------------------------------- updates (torch twins of the kernels)
+def gs_update(x: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, x_in: torch.Tensor,
+              cfg: ZeroPurConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1-normalise (per sample, or over the batch), momentum, sign step, eps-ball clip, [0,1] clamp."""
+    a = grad.abs()
+    l1 = a.flatten(1).sum(1).view(-1, 1, 1, 1) if cfg.l1_scope == "sample" else a.sum().view(1, 1, 1, 1)
+    g = torch.where(l1 > 0, grad / torch.where(l1 > 0, l1, torch.ones_like(l1)), torch.zeros_like(grad))
+    m = g + cfg.momentum * m
+    return _step_and_clip(x, m, x_in, cfg.eps, cfg.gs_step), m
+
+
+def ap_update(x: torch.Tensor, grad: torch.Tensor, x_in: torch.Tensor, cfg: ZeroPurConfig) -> torch.Tensor:
+    return _step_and_clip(x, grad, x_in, cfg.eps, cfg.ap_step)
+
+
+def _step_and_clip(x: torch.Tensor, direction: torch.Tensor, x_in: torch.Tensor, eps: float, step: float) -> torch.Tensor:
+    x = x - step * torch.sign(direction)
+    x = torch.minimum(torch.maximum(x, x_in - eps), x_in + eps)
+    return x.clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- the loop
+def input_grad(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(x)
+        (g,) = torch.autograd.grad(loss, x)
+    return g, loss.detach()
+
+
+@dataclass
+class Trace:
+    """Iterates of one purification: ``gs_x[t]`` / ``ap_x[t]`` is the input of GS / AP step t."""
+
+    gs_x: list[torch.Tensor] = field(default_factory=list)
+    gs_m: list[torch.Tensor] = field(default_factory=list)
+    ap_x: list[torch.Tensor] = field(default_factory=list)
+    coarse: torch.Tensor | None = None
+
+
+class ReferencePurifier:
+    """ZeroPur in PyTorch, eager. ``ap_mode='recompute'`` reproduces the released code's cost."""
+
+    def __init__(self, victim: Victim, cfg: ZeroPurConfig, ap_mode: APMode = "lean"):
+        if ap_mode not in ("lean", "recompute"):
+            raise ValueError(f"ap_mode must be 'lean' or 'recompute', got {ap_mode!r}")
+        if cfg.ap_steps > 0 and not victim.spec.supports_ap:
+            raise ValueError(f"{victim.name} declares no ILA/LPIPS taps (Guided Shift only): set ap_steps=0")
+        self.victim, self.cfg, self.ap_mode = victim, cfg, ap_mode
+
+    def gs_grad(self, x: torch.Tensor, x_blur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return input_grad(lambda v: gs_loss(self.victim, v, x_blur), x)
+
+    def ap_setup(self, x_in: torch.Tensor, coarse: torch.Tensor) -> APConstants:
+        with torch.no_grad():
+            return ap_constants(self.victim, x_in, coarse, self.cfg)
+
+    def ap_grad(self, fine: torch.Tensor, c: APConstants, x_in: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        if self.ap_mode == "lean":
+            return input_grad(lambda v: ap_loss(self.victim, v, c, self.cfg), fine)[0]
+        return input_grad(lambda v: ap_loss_recompute(self.victim, v, x_in, coarse, self.cfg), fine)[0]
+
+    def guided_shift(self, x_in: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        x, m = x_in.clone(), torch.zeros_like(x_in)
+        for _ in range(cfg.gs_steps):
+            if trace is not None:
+                trace.gs_x.append(x)
+                trace.gs_m.append(m)
+            g, _ = self.gs_grad(x, blur_torch(x, cfg.blur_sigma))
+            x, m = gs_update(x, g, m, x_in, cfg)
+        return x
+
+    def adaptive_projection(self, x_in: torch.Tensor, coarse: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        c = self.ap_setup(x_in, coarse) if self.ap_mode == "lean" else None
+        fine = x_in.clone()
+        for _ in range(cfg.ap_steps):
+            if trace is not None:
+                trace.ap_x.append(fine)
+            fine = ap_update(fine, self.ap_grad(fine, c, x_in, coarse), x_in, cfg)
+        return fine
+
+    def purify(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """Purified images (the AP output; the GS output when ``ap_steps == 0``)."""
+        check_images(x, self.victim.spec.input_shape)
+        x_in = x.detach().to(self.victim.mean.device)
+        coarse = self.guided_shift(x_in, trace)
+        if trace is not None:
+            trace.coarse = coarse
+        if self.cfg.ap_steps == 0:
+            return coarse
+        return self.adaptive_projection(x_in, coarse, trace)
+
+    @torch.no_grad()
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.victim(x).argmax(1)

@@ -1,0 +1,145 @@
+"""TapSpec (which module outputs ZeroPur reads) and Victim (a frozen classifier that exposes them)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """Module paths ZeroPur reads from a victim, plus its input contract.
+
+    ``embedding``: the GS embedding (rank 2 after the hook). ``ila``: the AP projection
+    layers. ``lpips``: the self-LPIPS layers (both rank 4, NCHW). A path names a module's
+    output; ``path:in`` names its (first) input, e.g. ``linear:in`` for the pooled features.
+    An empty ``ila`` and ``lpips`` means the victim supports Guided Shift only.
+    """
+
+    embedding: str
+    ila: tuple[str, ...]
+    lpips: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+    @property
+    def supports_ap(self) -> bool:
+        return bool(self.ila) and bool(self.lpips)
+
+    def all_taps(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for t in (self.embedding, *self.ila, *self.lpips):
+            seen.setdefault(t, None)
+        return tuple(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TapSpec":
+        return cls(embedding=d["embedding"], ila=tuple(d["ila"]), lpips=tuple(d["lpips"]), mean=tuple(d["mean"]),
+                   std=tuple(d["std"]), input_shape=tuple(d["input_shape"]), num_classes=int(d["num_classes"]))
+
+
+def _split(tap: str) -> tuple[str, bool]:
+    if tap.endswith(":in"):
+        return tap[:-3], True
+    return tap, False
+
+
+class Victim(nn.Module):
+    """A frozen classifier in eval mode with normalisation inside and forward hooks on its taps.
+
+    ``forward(x)`` takes images in [0, 1] and returns logits. ``run(x)`` also returns the tap
+    tensors. Weights never receive gradients: ZeroPur differentiates w.r.t. the image only.
+    """
+
+    def __init__(self, net: nn.Module, spec: TapSpec, name: str = "custom"):
+        super().__init__()
+        self.net = net.eval()
+        self.spec = spec
+        self.name = name
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        c = spec.input_shape[0]
+        if len(spec.mean) != c or len(spec.std) != c:
+            raise ValueError(f"TapSpec mean/std need {c} values (input_shape {spec.input_shape}), got {spec.mean}, {spec.std}")
+        if any(s <= 0 for s in spec.std):
+            raise ValueError(f"TapSpec std must be > 0, got {spec.std}")
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, c, 1, 1))
+        modules = dict(net.named_modules())
+        unknown = [t for t in spec.all_taps() if _split(t)[0] not in modules or _split(t)[0] == ""]
+        if unknown:
+            valid = ", ".join(n for n in modules if n)
+            raise ValueError(f"tap(s) {unknown} not found in {name}; valid module names: {valid}")
+        self._captured: dict[str, torch.Tensor] | None = None
+        for tap in spec.all_taps():
+            path, is_input = _split(tap)
+            if is_input:
+                modules[path].register_forward_pre_hook(self._pre_hook(tap))
+            else:
+                modules[path].register_forward_hook(self._post_hook(tap))
+        self._check_ranks()
+
+    def _pre_hook(self, tap: str):
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._captured is not None:
+                self._captured[tap] = args[0]
+        return hook
+
+    def _post_hook(self, tap: str):
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> None:
+            if self._captured is not None:
+                self._captured[tap] = out
+        return hook
+
+    def _check_ranks(self) -> None:
+        x = torch.full((1, *self.spec.input_shape), 0.5, dtype=self.mean.dtype)
+        with torch.no_grad():
+            logits, taps = self.run(x)
+        problems = []
+        if logits.dim() != 2 or logits.shape[1] != self.spec.num_classes:
+            problems.append(f"logits shape {tuple(logits.shape)} != (N, {self.spec.num_classes})")
+        for tap in self.spec.all_taps():
+            if tap not in taps:
+                problems.append(f"tap {tap!r} was never reached in forward()")
+        if self.spec.embedding in taps and taps[self.spec.embedding].dim() != 2:
+            problems.append(f"embedding tap {self.spec.embedding!r} has rank {taps[self.spec.embedding].dim()}, "
+                            "needs rank 2 (N, D): use the input of the final linear layer, e.g. 'fc:in'")
+        for tap in (*self.spec.ila, *self.spec.lpips):
+            if tap in taps and taps[tap].dim() != 4:
+                problems.append(f"ILA/LPIPS tap {tap!r} has rank {taps[tap].dim()}, needs rank 4 (N, C, H, W)")
+        if problems:
+            valid = ", ".join(n for n, _ in self.net.named_modules() if n)
+            raise ValueError(f"bad TapSpec for {self.name}: " + "; ".join(problems) + f". Valid module names: {valid}")
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+    def run(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and every tap's tensor from one forward pass."""
+        self._captured = {}
+        try:
+            logits = self.net(self.normalize(x))
+            return logits, self._captured
+        finally:
+            self._captured = None
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)[1][self.spec.embedding]
+
+
+def make_victim(net: nn.Module, taps: TapSpec | dict[str, Any], name: str = "custom") -> Victim:
+    """Wrap a user-supplied ``nn.Module`` with tap names (module paths); validates paths and ranks."""
+    spec = taps if isinstance(taps, TapSpec) else TapSpec.from_dict(taps)
+    return Victim(net, spec, name)
+

@@ -1,0 +1,78 @@
+"""Data access: the shared folder, the CIFAR-10 test copy, and the original CIFAR-10 pickle batches."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+SHARED_ENV = "ZEROPUR_SHARED"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def shared_dir(path: str | os.PathLike | None = None) -> Path:
+    """The shared data folder: ``path``, else ``$ZEROPUR_SHARED``, else ``../shared`` beside the checkout.
+
+    Only the location is resolved here; callers check for the files they need.
+    """
+    if path is not None:
+        return Path(path)
+    if os.environ.get(SHARED_ENV):
+        return Path(os.environ[SHARED_ENV])
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        cand = base.parent / "shared"
+        if cand.is_dir():
+            return cand
+    return Path.cwd().parent / "shared"
+
+
+def cifar10_test_path(shared: str | os.PathLike | None = None) -> Path:
+    return shared_dir(shared) / "data" / "cifar10_test.npz"
+
+
+def load_cifar10_test(path: str | os.PathLike | None = None, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``start:stop`` of the CIFAR-10 test copy: (uint8 NHWC images, int64 labels).
+
+    ``path`` is the .npz file (default: ``<shared>/data/cifar10_test.npz``).
+    """
+    p = Path(path) if path is not None else cifar10_test_path()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-10 test data not found at {p}; pass --data PATH or set {SHARED_ENV} to the folder holding data/cifar10_test.npz")
+    with np.load(p) as z:
+        if "x" not in z or "y" not in z:
+            raise ValueError(f"{p} must hold arrays 'x' (N,32,32,3 uint8) and 'y' (N,) labels; found {list(z.keys())}")
+        x, y = z["x"], z["y"]
+    if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
+        raise ValueError(f"{p}: 'x' must be uint8 (N,32,32,3), got {x.dtype} {x.shape}")
+    if not 0 <= start <= (stop if stop is not None else len(x)) <= len(x):
+        raise ValueError(f"rows {start}:{stop} out of range for {len(x)} images")
+    return x[start:stop], y[start:stop].astype(np.int64)
+
+
+def load_cifar_pickle_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file of the original CIFAR-10/100 python release -> (uint8 NHWC, int64 labels).
+
+    The file is a pickle of a dict with ``b'data'`` (N, 3072) uint8 rows (1024 R, 1024 G, 1024 B)
+    and ``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100).
+    """
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    if not isinstance(d, dict) or b"data" not in d:
+        raise ValueError(f"{path} is not a CIFAR python batch (no b'data' key)")
+    labels = d.get(b"labels", d.get(b"fine_labels"))
+    if labels is None:
+        raise ValueError(f"{path} has no b'labels' or b'fine_labels'")
+    data = np.asarray(d[b"data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{path}: b'data' must be (N, 3072), got {data.shape}")
+    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64)
+
+
+def to_nchw_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW in [0, 1]."""
+    if x_uint8_nhwc.dtype != np.uint8 or x_uint8_nhwc.ndim != 4:
+        raise ValueError(f"expected uint8 NHWC images, got {x_uint8_nhwc.dtype} with shape {x_uint8_nhwc.shape}")
+    return np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255)
