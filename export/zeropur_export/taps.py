@@ -1,6 +1,7 @@
 """TapSpec (which module outputs ZeroPur reads) and Victim (a frozen classifier that exposes them)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -79,13 +80,29 @@ class Victim(nn.Module):
             valid = ", ".join(n for n in modules if n)
             raise ValueError(f"tap(s) {unknown} not found in {name}; valid module names: {valid}")
         self._captured: dict[str, torch.Tensor] | None = None
-        for tap in spec.all_taps():
+        self._hooks: list[Any] = []
+        self._attach_hooks()
+        self._check_ranks()
+
+    def _attach_hooks(self) -> None:
+        modules = dict(self.net.named_modules())
+        for tap in self.spec.all_taps():
             path, is_input = _split(tap)
             if is_input:
-                modules[path].register_forward_pre_hook(self._pre_hook(tap))
+                self._hooks.append(modules[path].register_forward_pre_hook(self._pre_hook(tap)))
             else:
-                modules[path].register_forward_hook(self._post_hook(tap))
-        self._check_ranks()
+                self._hooks.append(modules[path].register_forward_hook(self._post_hook(tap)))
+
+    def to_dtype(self, dtype: torch.dtype) -> "Victim":
+        """An independent copy in another dtype (e.g. float64 for the truth in parity tests)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        try:
+            net = copy.deepcopy(self.net).to(dtype)  # without our hooks, whose closures point at self
+        finally:
+            self._attach_hooks()
+        return Victim(net, self.spec, self.name).to(dtype)
 
     def _pre_hook(self, tap: str):
         def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -100,7 +117,8 @@ class Victim(nn.Module):
         return hook
 
     def _check_ranks(self) -> None:
-        x = torch.full((1, *self.spec.input_shape), 0.5, dtype=self.mean.dtype)
+        dtype = next(self.net.parameters(), self.mean).dtype
+        x = torch.full((1, *self.spec.input_shape), 0.5, dtype=dtype)
         with torch.no_grad():
             logits, taps = self.run(x)
         problems = []

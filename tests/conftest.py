@@ -1,0 +1,42 @@
+"""Shared fixtures: real data and weights from the shared folder, skipped with a reason when absent."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zeropur_rt.data import cifar10_test_path, load_cifar10_test, shared_dir, to_nchw_float
+
+
+def _need(path, what: str):
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set ZEROPUR_SHARED to the shared folder)")
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    """Rows 0..999 of the CIFAR-10 test copy as (float32 NCHW in [0,1], int64 labels)."""
+    _need(cifar10_test_path(), "CIFAR-10 test data")
+    x, y = load_cifar10_test(stop=1000)
+    return to_nchw_float(x), y
+
+
+@pytest.fixture(scope="session")
+def victim20():
+    torch = pytest.importorskip("torch")
+    _need(shared_dir() / "models" / "resnet20-12fca82f.th", "ResNet-20 weights")
+    from zeropur_export.zoo import load_victim
+    torch.set_num_threads(2)
+    return load_victim("resnet20")
+
+
+@pytest.fixture(scope="session")
+def victim56():
+    pytest.importorskip("torch")
+    _need(shared_dir() / "models" / "resnet56-4bfd9763.th", "ResNet-56 weights")
+    from zeropur_export.zoo import load_victim
+    return load_victim("resnet56")
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
