@@ -35,6 +35,9 @@
 #define ZP_BLUR_HALF (1u << 23)
 #define ZP_BLUR_ONE (1u << 24)
 #define ZP_BLUR_PASSES 3
+/* Largest blur plane (h*w) and radius the kernels accept (int indexing). */
+#define ZP_MAX_PLANE (1ll << 30)
+#define ZP_MAX_RADIUS (1 << 23)
 
 /* Error codes of every C entry point (host library and CUDA launchers). */
 #define ZP_OK 0
@@ -48,7 +51,7 @@
 
 /* ------------------------------------------------------------------ utils */
 
-ZP_HD long long zp_clampll(long long v, long long lo, long long hi)
+ZP_HD int zp_clampi(int v, int lo, int hi)
 {
     return v < lo ? lo : (v > hi ? hi : v);
 }
@@ -145,24 +148,54 @@ ZP_HD float zp_dequantize(unsigned int b)
 /* One output of one Pillow box pass over a line of n uint8 samples spaced
  * `stride` elements apart, edges replicated:
  *   (ww * sum_{k=-r..r} in[pos+k] + fw * (in[pos-r-1] + in[pos+r+1]) + 2^23) >> 24
- * Fits uint32 because (2r+1)*ww + 2*fw <= 2^24 (checked by the entry points). */
-ZP_HD unsigned int zp_box_tap(const unsigned char* line, long long stride, long long n,
-                              long long pos, int radius, unsigned int ww, unsigned int fw)
+ * Fits uint32 because (2r+1)*ww + 2*fw <= 2^24 (checked by the entry points).
+ * Plane indices are int: entry points require h*w <= ZP_MAX_PLANE and a radius
+ * <= ZP_MAX_RADIUS so pos +- (radius+1) cannot overflow. */
+ZP_HD unsigned int zp_box_tap(const unsigned char* line, int stride, int n, int pos, int radius,
+                              unsigned int ww, unsigned int fw)
 {
     unsigned int acc = 0u;
-    for (long long k = -(long long)radius; k <= (long long)radius; ++k) {
-        acc += (unsigned int)line[zp_clampll(pos + k, 0, n - 1) * stride];
+    for (int k = -radius; k <= radius; ++k) {
+        acc += (unsigned int)line[zp_clampi(pos + k, 0, n - 1) * stride];
     }
-    const unsigned int edge =
-        (unsigned int)line[zp_clampll(pos - radius - 1, 0, n - 1) * stride] +
-        (unsigned int)line[zp_clampll(pos + radius + 1, 0, n - 1) * stride];
+    const unsigned int edge = (unsigned int)line[zp_clampi(pos - radius - 1, 0, n - 1) * stride] +
+                              (unsigned int)line[zp_clampi(pos + radius + 1, 0, n - 1) * stride];
     return (acc * ww + edge * fw + ZP_BLUR_HALF) >> ZP_BLUR_SHIFT;
+}
+
+/* Launch plan of the CUDA blur kernel for an h x w plane and max_smem bytes of
+ * dynamic shared memory: lines == 0 keeps the whole plane (two uint8 copies)
+ * in shared memory; lines > 0 processes `lines` rows, then `lines` columns, at a
+ * time, with the intermediate (exact integers) staged in the float output. */
+ZP_HD int zp_blur_plan(long long h, long long w, long long max_smem, int* lines, long long* smem)
+{
+    if (h <= 0 || w <= 0 || max_smem <= 0) return ZP_ERR_SIZE;
+    if (h > ZP_MAX_PLANE / w) return ZP_ERR_SIZE;
+    if (2 * h * w <= max_smem) {
+        *lines = 0;
+        *smem = 2 * h * w;
+        return ZP_OK;
+    }
+    const long long longest = h > w ? h : w;
+    long long l = max_smem / (2 * longest);
+    if (l < 1) return ZP_ERR_TOO_LARGE;
+    if (l > 32) l = 32;
+    *lines = (int)l;
+    *smem = 2 * l * longest;
+    return ZP_OK;
+}
+
+/* radius == 0 with ww == 2^24 and fw == 0 is Pillow's box_radius == 0: the
+ * blur is the identity on the quantized image (each pass would reproduce it). */
+ZP_HD int zp_blur_is_identity(int radius, unsigned int ww, unsigned int fw)
+{
+    return radius == 0 && ww == ZP_BLUR_ONE && fw == 0u;
 }
 
 /* Validates a Pillow weight set as produced by zeropur_rt.blur.box_blur_weights. */
 ZP_HD int zp_blur_weights_ok(int radius, unsigned int ww, unsigned int fw)
 {
-    if (radius < 0 || radius > (1 << 23)) return 0;
+    if (radius < 0 || radius > ZP_MAX_RADIUS) return 0;
     const unsigned long long total =
         (unsigned long long)(2 * (long long)radius + 1) * ww + 2ull * fw;
     return total <= (unsigned long long)ZP_BLUR_ONE && ww > 0u;

@@ -1,0 +1,23 @@
+"""ZeroPur kernels: GS/AP updates and the Pillow-exact blur, three bit-identical backends.
+
+* :mod:`.numpy_twin` -- the numpy definition (test oracle, last-resort fallback).
+* :mod:`.host` -- ctypes bindings of the C ABI host library; ``load_host_kernels()``.
+* :mod:`.cuda` -- CUDA kernels via cuda-python (driver API + NVRTC) or pycuda.
+
+Nothing heavy is imported here: numpy_twin, host and cuda load on first use.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["load_host_kernels", "KERNEL_SOURCE", "KERNEL_HEADER"]
+
+KERNEL_SOURCE = "zeropur_kernels.cu"
+KERNEL_HEADER = "zeropur_kernels.h"
+
+
+def load_host_kernels(path: Any = None) -> Any:
+    """See :func:`zeropur_rt.kernels.host.load_host_kernels`."""
+    from zeropur_rt.kernels.host import load_host_kernels as _load
+
+    return _load(path)
