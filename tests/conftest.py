@@ -40,3 +40,15 @@ def victim56():
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@pytest.fixture(scope="session")
+def art20(tmp_path_factory, victim20):
+    """ResNet-20 (real weights, paper recipe) exported once per test session."""
+    from zeropur_export.onnx_export import export_artifacts
+    from zeropur_export.weights import find_weights
+    from zeropur_rt.config import preset
+    from zeropur_rt.files import sha256_file
+    out = tmp_path_factory.mktemp("artifacts") / "resnet20"
+    return export_artifacts(victim20, preset("cifar10"), out, model="resnet20",
+                            weights_sha256=sha256_file(find_weights("resnet20")), batch=(1, 32, 64))

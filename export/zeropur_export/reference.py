@@ -20,8 +20,13 @@ from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.validate import check_images
 
 APMode = Literal["lean", "recompute"]
-_TINY = 1e-30  # floor under squared norms: keeps sqrt's gradient finite (0, not NaN) at zero distance
+_TINY = 1e-30  # floor under squared norms: keeps sqrt's gradient finite (0, not NaN) at zero
 _LPIPS_EPS = 1e-10
+# Floor under the squared LPIPS distance. On AP step 1 fine == x_in, but two graphs (or two
+# kernels) computing the same features differ by float32 rounding (distance ~1e-7), where the
+# gradient of the norm is a unit vector pointing along that noise. Distances below 1e-5 are
+# treated as zero (gradient 0); one real AP step already moves the features by ~1e-3.
+LPIPS_DIST_FLOOR_SQ = 1e-10
 
 
 # ---------------------------------------------------------------- blur (torch twin of zeropur_rt.blur)
@@ -50,9 +55,9 @@ def gs_loss(victim: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> torch.Tens
     return -F.cosine_similarity(e, eb, dim=1).mean()
 
 
-def safe_norm(v: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False) -> torch.Tensor:
-    """L2 norm whose gradient at zero is 0 instead of NaN (sqrt of a floored square sum)."""
-    return torch.sqrt(torch.clamp_min((v * v).sum(dim=dim, keepdim=keepdim), _TINY))
+def safe_norm(v: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False, floor_sq: float = _TINY) -> torch.Tensor:
+    """L2 norm whose gradient at (near) zero is 0 instead of NaN: sqrt of a square sum floored at ``floor_sq``."""
+    return torch.sqrt(torch.clamp_min((v * v).sum(dim=dim, keepdim=keepdim), floor_sq))
 
 
 def lpips_features(victim: Victim, taps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -101,7 +106,7 @@ def ap_loss_terms(victim: Victim, fine: torch.Tensor, c: APConstants) -> tuple[t
         if c.ila_offset is not None:
             dot = dot - c.ila_offset[l]
         ila = ila - dot.mean()
-    lp = safe_norm(lpips_features(victim, taps) - c.lpips_ref, 1).mean()
+    lp = safe_norm(lpips_features(victim, taps) - c.lpips_ref, 1, floor_sq=LPIPS_DIST_FLOOR_SQ).mean()
     return ila, lp
 
 

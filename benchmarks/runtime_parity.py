@@ -1,0 +1,130 @@
+"""Runtime vs reference: teacher-forced per-step gradient parity and free-running agreement.
+
+    python -m benchmarks.runtime_parity --model resnet20 resnet56 --n 200 [--pgd]
+
+Teacher-forced: at every GS and AP step of the torch reference's trajectory, the runtime's
+graph is fed the reference's iterate (and, for ap_grad, the reference's float32 constants);
+its error against the float64 truth on the same inputs must be <= 2x the torch float32
+reference's own error (plus a 1e-7 floor) and <= 1e-3. Free-running: both purify the same
+images independently; report identical predictions, identical pixels, and accuracies.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zeropur_export.parity import ABS_FLOOR, MAX_ERR, rel_err
+from zeropur_export.reference import ReferencePurifier, Trace, blur_torch
+from zeropur_export.taps import Victim
+from zeropur_rt.purifier import Purifier
+
+
+@dataclass
+class StepParity:
+    graph: str
+    step: int
+    runtime_err: float
+    torch_err: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.runtime_err) and self.runtime_err <= 2 * self.torch_err + ABS_FLOOR
+                    and self.runtime_err <= MAX_ERR)
+
+
+def teacher_forced(pur: Purifier, victim: Victim, x_in: np.ndarray) -> list[StepParity]:
+    cfg = pur.cfg
+    ref32 = ReferencePurifier(victim, cfg)
+    ref64 = ReferencePurifier(victim.to_dtype(torch.float64), cfg)
+    xt = torch.from_numpy(x_in)
+    trace = Trace()
+    ref32.purify(xt, trace)
+    run = pur.runner.run
+    rows = []
+    for t, x in enumerate(trace.gs_x):
+        xb = blur_torch(x, cfg.blur_sigma)
+        truth = ref64.gs_grad(x.double(), xb.double())[0]
+        g32 = ref32.gs_grad(x, xb)[0]
+        go = run("gs_grad", {"x": x.numpy(), "x_blur": xb.numpy()})[0]
+        rows.append(StepParity("gs_grad", t, rel_err(go, truth), rel_err(g32, truth)))
+    if cfg.ap_steps == 0:
+        return rows
+    coarse = trace.coarse
+    c32 = ref32.ap_setup(xt, coarse)
+    c64 = ref64.ap_setup(xt.double(), coarse.double())
+    co = run("ap_setup", {"x_in": x_in, "coarse": coarse.numpy()})
+    for i, (a, b, c) in enumerate(zip(co, [*c32.ila_dir, c32.lpips_ref], [*c64.ila_dir, c64.lpips_ref])):
+        rows.append(StepParity(f"ap_setup[{i}]", 0, rel_err(a, c), rel_err(b, c)))
+    # ap_grad is fed the same constants on every side (the reference's float32 ones)
+    c32_as64 = type(c32)([d.double() for d in c32.ila_dir], c32.lpips_ref.double())
+    feeds = {f"ila_dir_{i}": d.numpy() for i, d in enumerate(c32.ila_dir)} | {"lpips_ref": c32.lpips_ref.numpy()}
+    for t, fine in enumerate(trace.ap_x):
+        truth = ref64.ap_grad(fine.double(), c32_as64, None, None)
+        g32 = ref32.ap_grad(fine, c32, None, None)
+        go = run("ap_grad", feeds | {"fine": fine.numpy()})[0]
+        rows.append(StepParity("ap_grad", t, rel_err(go, truth), rel_err(g32, truth)))
+    return rows
+
+
+def free_running(pur: Purifier, victim: Victim, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
+    ref = ReferencePurifier(victim, pur.cfg)
+    same_pred = same_px = acc_rt = acc_ref = 0.0
+    secs = dict(runtime=0.0, reference=0.0)
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        t0 = time.perf_counter()
+        xo, po = pur.purify_and_classify(xb)
+        t1 = time.perf_counter()
+        xr = ref.purify(torch.from_numpy(xb))
+        pr = ref.classify(xr).numpy()
+        secs["runtime"] += t1 - t0
+        secs["reference"] += time.perf_counter() - t1
+        same_pred += float((po == pr).sum())
+        same_px += float((xo == xr.numpy()).sum())
+        acc_rt += float((po == y[i:i + batch]).sum())
+        acc_ref += float((pr == y[i:i + batch]).sum())
+    n = len(x)
+    return dict(n=n, same_prediction=same_pred / n, same_pixels=same_px / x.size,
+                acc_runtime=100 * acc_rt / n, acc_reference=100 * acc_ref / n, seconds=secs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from zeropur_export.attacks import pgd_linf
+    from zeropur_export.build import ensure_artifacts
+    from zeropur_export.zoo import load_victim
+    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", nargs="+", default=["resnet20"])
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--teacher-n", type=int, default=16, help="images in the teacher-forced check")
+    ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    xs, ys = load_cifar10_test(stop=args.n)
+    x, y = to_nchw_float(xs), ys
+    for model in args.model:
+        victim = load_victim(model)
+        pur = Purifier.load(ensure_artifacts(model, Path(args.artifacts) / model), threads=args.threads)
+        rows = teacher_forced(pur, victim, x[:args.teacher_n])
+        worst = max(rows, key=lambda r: r.runtime_err / (2 * r.torch_err + ABS_FLOOR))
+        print(f"{model}: teacher-forced, {len(rows)} graph calls on {args.teacher_n} images: all within bound: "
+              f"{all(r.ok for r in rows)}; max runtime err {max(r.runtime_err for r in rows):.2e}, "
+              f"max torch f32 err {max(r.torch_err for r in rows):.2e}; tightest: {worst}")
+        adv = pgd_linf(victim, torch.from_numpy(x), torch.from_numpy(y)).numpy()
+        for label, inp in (("clean", x), ("pgd20", adv)):
+            r = free_running(pur, victim, inp, y)
+            print(f"{model} {label}: n={r['n']} same prediction {100 * r['same_prediction']:.1f}%, same pixels "
+                  f"{100 * r['same_pixels']:.2f}%, purified acc runtime {r['acc_runtime']:.1f}% vs reference "
+                  f"{r['acc_reference']:.1f}% ({r['seconds']['runtime']:.1f} s vs {r['seconds']['reference']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Backends behind one small interface: a loader builds a runner from an artifact directory,
+and ``runner.run(graph, feeds)`` returns the graph's outputs in manifest order.
+
+Heavy imports (onnxruntime, torch, tensorrt) happen inside the loaders, never at import time.
+Host runners take and return numpy arrays.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from zeropur_rt.manifest import Manifest
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+
+
+class Runner(Protocol):
+    name: str
+    device: str
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class OnnxRuntimeRunner:
+    """ONNX Runtime, CPU execution provider: one InferenceSession per graph, created once."""
+
+    name = "onnxruntime"
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from e
+        if device != "cpu":
+            raise ValueError(f"the onnxruntime backend runs on device 'cpu' here (got {device!r}); "
+                             "for GPUs use backend='tensorrt' or backend='torch' with device='cuda'")
+        self.device = device
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = threads or int(os.environ.get("ZEROPUR_THREADS", "0")) or None
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        # Spinning worker threads burn the other core between our small kernels: turn it off.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions: dict[str, Any] = {}
+        self.outputs: dict[str, list[str]] = {}
+        for g, spec in manifest.graphs.items():
+            self.sessions[g] = ort.InferenceSession(str(artifact_dir / spec["file"]), opts, providers=["CPUExecutionProvider"])
+            self.outputs[g] = list(spec["outputs"])
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[graph].run(self.outputs[graph], feeds)
+
+
+class TorchRunner:
+    """The reference's graph functions, eager, on CPU or CUDA (the oracle; needs zeropur_export + torch).
+
+    The victim is rebuilt from the manifest's model name and its weights file, whose sha256
+    must match the manifest, or passed in directly.
+    """
+
+    name = "torch"
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 victim: Any = None, weights: str | None = None):
+        try:
+            import torch
+            from zeropur_export import reference as ref
+            from zeropur_export.zoo import load_victim
+        except ImportError as e:
+            raise ImportError("backend 'torch' needs torch and the export extra: pip install 'zeropur-rt[export]'") from e
+        if threads:
+            torch.set_num_threads(threads)
+        if victim is None:
+            from zeropur_export.weights import find_weights
+            from zeropur_rt.files import sha256_file
+            path = weights or find_weights(manifest.model)
+            if manifest.weights_sha256 and sha256_file(path) != manifest.weights_sha256:
+                raise ValueError(f"weights {path} are not the ones this artifact was exported from "
+                                 f"(sha256 {manifest.weights_sha256[:12]}…)")
+            victim = load_victim(manifest.model, weights=str(path))
+        self.torch, self.ref, self.device = torch, ref, device
+        self.victim = victim.to(device)
+        self.cfg = manifest.zeropur_config
+        self.n_ila = manifest.n_ila
+
+    def _t(self, a: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch, ref, v = self.torch, self.ref, self.victim
+        out: list[Any]
+        if graph == "classifier":
+            with torch.no_grad():
+                logits, taps = v.run(self._t(feeds["x"]))
+            out = [logits, taps[v.spec.embedding]]
+        elif graph == "gs_grad":
+            xb = self._t(feeds["x_blur"])
+            out = list(ref.input_grad(lambda x: ref.gs_loss(v, x, xb), self._t(feeds["x"])))
+        elif graph == "ap_setup":
+            with torch.no_grad():
+                c = ref.ap_constants(v, self._t(feeds["x_in"]), self._t(feeds["coarse"]), self.cfg)
+            out = [*c.ila_dir, c.lpips_ref]
+        elif graph == "ap_grad":
+            c = ref.APConstants([self._t(feeds[f"ila_dir_{i}"]) for i in range(self.n_ila)], self._t(feeds["lpips_ref"]))
+            out = [ref.input_grad(lambda f: ref.ap_loss(v, f, c, self.cfg), self._t(feeds["fine"]))[0]]
+        else:
+            raise ValueError(f"unknown graph {graph!r}")
+        return [o.detach().cpu().numpy() for o in out]
+
+
+def make_runner(backend: str, artifact_dir: Path, manifest: Manifest, device: str = "cpu",
+                threads: int | None = None, **kwargs: Any) -> Runner:
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(artifact_dir, manifest, device, threads)
+    if backend == "torch":
+        return TorchRunner(artifact_dir, manifest, device, threads, **kwargs)
+    if backend == "tensorrt":
+        from zeropur_rt.backend_trt import TensorRTRunner
+        return TensorRTRunner(artifact_dir, manifest, device, **kwargs)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
