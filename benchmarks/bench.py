@@ -1,0 +1,302 @@
+"""``zeropur-rt bench``: purification latency per backend and batch size, the cost model, and the steps sweep.
+
+    zeropur-rt bench --model resnet20 --batch 1 32 --repeats 3 --out runs/bench_resnet20
+    zeropur-rt bench --model resnet20 --sweep --sweep-n 200 --out runs/sweep_resnet20
+
+Backends: ``released`` (torch reference, re-computing AP: the released code's cost), ``lean``
+(torch reference, lean AP), ``onnxruntime`` (zeropur-rt: exported graphs + host kernels), and
+where present ``torch-cuda`` (reference on the GPU). Every figure of one table comes from one run
+on one machine; ratios are against ``released`` measured in that same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from zeropur_rt.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+TORCH_BACKENDS = ("released", "lean", "torch-cuda")
+ALL_BACKENDS = (*TORCH_BACKENDS, "onnxruntime")
+
+
+def _rss_mib() -> dict[str, float]:
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS", "VmHWM")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+    info = dict(python=platform.python_version(), machine=platform.machine(), processor=platform.processor(),
+                cpus=os.cpu_count(), torch=torch.__version__, onnxruntime=onnxruntime.__version__,
+                numpy=np.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+    try:
+        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                                 if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def make_purify_fn(backend: str, victim, cfg, art: Path, threads: int, x: np.ndarray):
+    """A zero-argument callable purifying ``x`` on ``backend``, and a stage-time accumulator or None."""
+    if backend in TORCH_BACKENDS:
+        import torch
+
+        from zeropur_export.reference import ReferencePurifier
+        dev = "cuda" if backend == "torch-cuda" else "cpu"
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise ValueError("backend torch-cuda needs a CUDA GPU, none is visible")
+        pur = ReferencePurifier(victim.to(dev), cfg, "recompute" if backend == "released" else "lean")
+        xt = torch.from_numpy(x).to(dev)
+
+        def run():
+            pur.purify(xt)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        return run, None
+    if backend == "onnxruntime":
+        from zeropur_rt.purifier import Purifier
+        pur = Purifier.load(art, "onnxruntime", threads=threads, overrides=_loop_overrides(cfg))
+        stages: dict[str, float] = {}
+
+        def run():
+            _, st = pur.purify(x, timings=True)
+            for k, v in st.seconds.items():
+                stages[k] = stages.get(k, 0.0) + v
+        return run, stages
+    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(ALL_BACKENDS)}")
+
+
+def _loop_overrides(cfg) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ("gs_steps", "ap_steps", "eps", "gs_step", "ap_step", "blur_sigma")}
+
+
+def run_latency(args: argparse.Namespace, victim, cfg, art: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    from benchmarks.costs import cpu_peak_gflops, forward_equivalents, purification_macs
+    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+
+    max_batch = json.loads((art / "manifest.json").read_text())["batch"]["max"]
+    too_big = [b for b in args.batch if b > max_batch or b < 1]
+    if too_big:
+        raise ValueError(f"batch sizes {too_big} do not fit this artifact (1..{max_batch}); re-export with --max-batch")
+    xs, _ = load_cifar10_test(args.data, 0, max(args.batch))
+    x_all = to_nchw_float(xs)
+    cost = dict(fe_released=forward_equivalents(victim, cfg, "recompute"), fe_lean=forward_equivalents(victim, cfg, "lean"),
+                macs=purification_macs(art, cfg), peak_gflops=cpu_peak_gflops())
+    rows = []
+    combos = [(be, b) for b in args.batch for be in args.backends]
+    for be, b in _progress(combos, "bench"):
+        fn, stages = make_purify_fn(be, victim, cfg, art, args.threads, x_all[:b])
+        reps = args.repeats if be != "released" or b <= 32 else max(1, args.repeats // 2)
+        t = np.array(_timed(fn, args.warmup, reps))
+        p50 = float(np.percentile(t, 50))
+        flops = 2 * cost["macs"]["purification"] * b
+        row = dict(backend=be, batch=b, repeats=len(t), p50_s=p50, p90_s=float(np.percentile(t, 90)),
+                   p99_s=float(np.percentile(t, 99)), s_per_image=p50 / b, images_per_s=b / p50,
+                   achieved_gflops=flops / p50 / 1e9, mem_mib=_rss_mib())
+        if stages:
+            tot = sum(stages.values())
+            row["stages_pct"] = {k: 100 * v / tot for k, v in stages.items()}
+        rows.append(row)
+        log(f"{be:12s} batch {b:4d}: p50 {p50:.3f} s, {p50 / b:.4f} s/image")
+    for r in rows:
+        base = next((q for q in rows if q["backend"] == "released" and q["batch"] == r["batch"]), None)
+        r["speedup_vs_released"] = base["p50_s"] / r["p50_s"] if base else None
+    return dict(kind="latency", model=args.model, config=cfg.to_dict(), threads=args.threads, machine=machine_info(),
+                cost_model=cost, rows=rows)
+
+
+def latency_markdown(res: dict[str, Any]) -> str:
+    c = res["cost_model"]
+    lines = [f"Latency, {res['model']}, {res['threads']} threads ({res['machine'].get('cpu_model', '?')}); "
+             f"each row p50 of its repeats, one run.",
+             "", "| backend | batch | p50 s | p90 s | p99 s | s/image | images/s | x vs released | GFLOP/s (% of sgemm peak) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        sp = f"{r['speedup_vs_released']:.2f}" if r["speedup_vs_released"] else "-"
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['p99_s']:.3f} | "
+                     f"{r['s_per_image']:.4f} | {r['images_per_s']:.1f} | {sp} | {r['achieved_gflops']:.1f} "
+                     f"({100 * r['achieved_gflops'] / c['peak_gflops']:.0f}%) |")
+    stage_rows = [r for r in res["rows"] if "stages_pct" in r]
+    if stage_rows:
+        keys = list(stage_rows[0]["stages_pct"])
+        lines += ["", "Where the runtime's time goes (% of purify time):", "",
+                  "| backend | batch | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for r in stage_rows:
+            lines.append(f"| {r['backend']} | {r['batch']} | " + " | ".join(f"{r['stages_pct'].get(k, 0):.1f}" for k in keys) + " |")
+    fr, fl = c["fe_released"], c["fe_lean"]
+    lines += ["", f"Cost model per image: released-code AP {fr['forward']:.0f} forwards + {fr['backward']:.0f} backwards "
+              f"= {fr['F_bwd1']:.0f} F (backward = 1 F) / {fr['F_bwd2']:.0f} F (backward = 2 F); lean {fl['forward']:.0f} + "
+              f"{fl['backward']:.0f} = {fl['F_bwd1']:.0f} F / {fl['F_bwd2']:.0f} F. Graph MACs per purification: "
+              f"{c['macs']['purification'] / 1e9:.2f} G (floor {2 * c['macs']['purification'] / c['peak_gflops'] / 1e9:.4f} s/image "
+              f"at this CPU's sgemm peak of {c['peak_gflops']:.0f} GFLOP/s)."]
+    return "\n".join(lines)
+
+
+def latency_plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for be in dict.fromkeys(r["backend"] for r in res["rows"]):
+        rs = sorted((r for r in res["rows"] if r["backend"] == be), key=lambda r: r["batch"])
+        a1.plot([r["batch"] for r in rs], [r["p50_s"] for r in rs], "o-", label=be)
+        a2.plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], "o-", label=be)
+    for a, yl in ((a1, "latency per call, p50 (s)"), (a2, "images / s")):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("batch")
+        a.set_ylabel(yl)
+        a.grid(True, which="both", alpha=0.3)
+    a1.legend()
+    fig.suptitle(f"ZeroPur purification, {res['model']}, {res['threads']} CPU threads")
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_sweep(args: argparse.Namespace, victim, cfg, art: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """GS/AP step counts vs latency (ONNX Runtime) and purified PGD-20 accuracy."""
+    import torch
+
+    from zeropur_export.attacks import pgd_linf
+    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_rt.purifier import Purifier
+    xs, ys = load_cifar10_test(args.data, 0, args.sweep_n)
+    x = to_nchw_float(xs)
+    adv = pgd_linf(victim, torch.from_numpy(x), torch.from_numpy(ys)).numpy()
+    rows = []
+    grid = [(g, a) for g in args.sweep_gs for a in args.sweep_ap]
+    for gs, apn in _progress(grid, "sweep"):
+        pur = Purifier.load(art, threads=args.threads, overrides=dict(gs_steps=gs, ap_steps=apn))
+        t, correct_adv, correct_clean = 0.0, 0, 0
+        for i in range(0, len(x), 50):
+            t0 = time.perf_counter()
+            _, p = pur.purify_and_classify(adv[i:i + 50])
+            t += time.perf_counter() - t0
+            correct_adv += int((p == ys[i:i + 50]).sum())
+            correct_clean += int((pur.purify_and_classify(x[i:i + 50])[1] == ys[i:i + 50]).sum())
+        rows.append(dict(gs_steps=gs, ap_steps=apn, s_per_image=t / len(x), purified_pgd_acc=100 * correct_adv / len(x),
+                         purified_clean_acc=100 * correct_clean / len(x)))
+        log(f"GS {gs:2d} AP {apn:2d}: {t / len(x):.4f} s/image, purified PGD {rows[-1]['purified_pgd_acc']:.1f}%, "
+            f"purified clean {rows[-1]['purified_clean_acc']:.1f}%")
+    return dict(kind="sweep", model=args.model, n=len(x), threads=args.threads, base_config=cfg.to_dict(),
+                machine=machine_info(), rows=rows)
+
+
+def sweep_markdown(res: dict[str, Any]) -> str:
+    lines = [f"Steps sweep, {res['model']}, {res['n']} images, ONNX Runtime CPU, {res['threads']} threads; PGD-20 "
+             "8/255 on the bare classifier.", "", "| GS steps | AP steps | s/image | purified clean | purified PGD-20 |",
+             "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['gs_steps']} | {r['ap_steps']} | {r['s_per_image']:.4f} | {r['purified_clean_acc']:.1f}% | "
+                     f"{r['purified_pgd_acc']:.1f}% |")
+    return "\n".join(lines)
+
+
+def sweep_plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in res["rows"]:
+        ax.scatter(r["s_per_image"], r["purified_pgd_acc"], c="C0")
+        ax.annotate(f"GS{r['gs_steps']}/AP{r['ap_steps']}", (r["s_per_image"], r["purified_pgd_acc"]), fontsize=7)
+    ax.set_xlabel("seconds per image (ONNX Runtime CPU)")
+    ax.set_ylabel("purified PGD-20 accuracy (%)")
+    ax.set_title(f"Latency vs robustness, {res['model']}")
+    ax.grid(alpha=0.3)
+    _save_fig(fig, path)
+
+
+def _progress(items, desc: str):
+    try:
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:
+        return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="zeropur-rt bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--artifacts", default=None, help="artifact dir (default artifacts/<model>; exported if missing)")
+    ap.add_argument("--backends", nargs="+", default=["released", "lean", "onnxruntime"])
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="loop overrides, e.g. gs_steps=2 ap_steps=2")
+    ap.add_argument("--sweep", action="store_true", help="run the GS/AP steps sweep instead of the latency table")
+    ap.add_argument("--sweep-n", type=int, default=200)
+    ap.add_argument("--sweep-gs", nargs="+", type=int, default=[0, 5, 10])
+    ap.add_argument("--sweep-ap", nargs="+", type=int, default=[0, 10, 25, 50])
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--out", default=None, help="output folder for JSON, markdown and PNG (default runs/bench_<model>)")
+    args = ap.parse_args(argv)
+    unknown = [b for b in args.backends if b not in ALL_BACKENDS]
+    if unknown:
+        ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+    import torch
+
+    from zeropur_export.build import ensure_artifacts
+    from zeropur_export.zoo import load_victim
+    from zeropur_rt.manifest import load_manifest
+    torch.set_num_threads(args.threads)
+    art = ensure_artifacts(args.model, Path(args.artifacts or f"artifacts/{args.model}"))
+    cfg = load_manifest(art).zeropur_config
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        cfg = cfg.replace(**{k: type(getattr(cfg, k))(v)})
+    victim = load_victim(args.model)
+    out = Path(args.out or f"runs/{'sweep' if args.sweep else 'bench'}_{args.model}")
+    if args.sweep:
+        res = run_sweep(args, victim, cfg, art, print)
+        md, plot = sweep_markdown(res), sweep_plot
+    else:
+        res = run_latency(args, victim, cfg, art, print)
+        md, plot = latency_markdown(res), latency_plot
+    print("\n" + md)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(res, out / f"{res['kind']}.png")
+    atomic_write_text(out / f"{res['kind']}.md", md + "\n")
+    atomic_write_json(out / f"{res['kind']}.json", res)
+    print(f"\nwrote {out}/{res['kind']}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
