@@ -68,16 +68,11 @@ def _box_pass(a: np.ndarray, w: BoxBlurWeights) -> np.ndarray:
     return (acc * w.ww + far * w.fw + _HALF) >> 24
 
 
-def blur_uint8(img: np.ndarray, sigma: float = 1.8, channel_axis: int = 1) -> np.ndarray:
-    """Pillow-exact GaussianBlur of uint8 images; every axis other than the last two is batch/channel.
-
-    ``img`` is (..., H, W) uint8; ``channel_axis`` is ignored beyond documenting that channels
-    are blurred independently (Pillow blurs each band alone).
-    """
-    del channel_axis
+def blur_uint8(img: np.ndarray, sigma: float | BoxBlurWeights = 1.8) -> np.ndarray:
+    """Pillow-exact GaussianBlur of (..., H, W) uint8 images; each plane alone, as Pillow blurs each band."""
     if img.dtype != np.uint8:
         raise ValueError(f"blur_uint8 expects uint8 pixels, got dtype {img.dtype}")
-    w = box_blur_weights(sigma)
+    w = sigma if isinstance(sigma, BoxBlurWeights) else box_blur_weights(sigma)
     if w.box_radius == 0:
         return img.copy()
     a = img.astype(np.int64)

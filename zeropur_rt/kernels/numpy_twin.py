@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from zeropur_rt.blur import PASSES, BoxBlurWeights, box_blur_weights
+from zeropur_rt.blur import BoxBlurWeights, blur_uint8, box_blur_weights, quantize
 
 BACKEND = "numpy"
 LANES = 256
@@ -233,46 +233,13 @@ def ap_update(x: np.ndarray, grad: np.ndarray, x_in: np.ndarray, *, eps: float, 
     x[...] = _project(x - F32(step) * _sign(grad), x_in, F32(eps))
 
 
-def quantize(x: np.ndarray) -> np.ndarray:
-    """clamp(floor(x * 255), 0, 255) computed in float32, as uint8."""
-    q = np.floor(np.asarray(x, dtype=F32) * F32(255))
-    return np.clip(q, 0, 255).astype(np.uint8)
-
-
 def blur_into(x: np.ndarray, out: np.ndarray, weights: BoxBlurWeights | float) -> None:
     """Pillow-exact blur of (..., H, W) float32 images into ``out`` (may be ``x`` itself)."""
     validate_blur(x, out)
     w = blur_weights(weights)
     if x.size == 0:
         return
-    q = quantize(x)
-    if _is_identity(w):
-        b = q
-    else:
-        a = q.astype(np.int64)
-        for _ in range(PASSES):
-            a = _box_pass(a, w)
-        a = np.swapaxes(a, -1, -2)
-        for _ in range(PASSES):
-            a = _box_pass(a, w)
-        b = np.swapaxes(a, -1, -2)
-    out[...] = b.astype(F32) / F32(255)
-
-
-def _is_identity(w: BoxBlurWeights) -> bool:
-    """Pillow's box_radius == 0 (radius 0, ww = 2^24, fw = 0): every pass is the identity."""
-    return w.radius == 0 and w.ww == (1 << 24) and w.fw == 0
-
-
-def _box_pass(a: np.ndarray, w: BoxBlurWeights) -> np.ndarray:
-    """One Pillow box pass along the last axis of an int64 array, edges replicated."""
-    n = a.shape[-1]
-    idx = np.arange(n)
-    acc = np.zeros_like(a)
-    for k in range(-w.radius, w.radius + 1):
-        acc += a[..., np.clip(idx + k, 0, n - 1)]
-    edge = a[..., np.clip(idx - w.radius - 1, 0, n - 1)] + a[..., np.clip(idx + w.radius + 1, 0, n - 1)]
-    return (acc * w.ww + edge * w.fw + (1 << 23)) >> 24
+    out[...] = blur_uint8(quantize(x), w).astype(F32) / F32(255)
 
 
 def blur(x: np.ndarray, sigma: BoxBlurWeights | float) -> np.ndarray:
