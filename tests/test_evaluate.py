@@ -1,0 +1,137 @@
+"""``zeropur-rt eval``: ART attacks, the BPDA preprocessor wrapper, the report, and bad input (tiny settings)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("art")
+torch = pytest.importorskip("torch")
+
+from benchmarks import evaluate  # noqa: E402
+
+FAST = ["--set", "gs_steps=1", "ap_steps=1", "--quiet", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def pur20(art20):
+    from zeropur_rt.purifier import Purifier
+    return Purifier.load(art20, threads=2, overrides=dict(gs_steps=1, ap_steps=1))
+
+
+def test_preprocessor_is_purify_forward_identity_backward(pur20, victim20, cifar):
+    from benchmarks.art_preprocessor import ZeroPurPreprocessor, art_classifier, bpda_classifier
+    x, y = cifar[0][:6], cifar[1][:6]
+    pre = ZeroPurPreprocessor(pur20, batch_size=4)           # two purifier calls: chunking must not change the result
+    assert pre.apply_predict and not pre.apply_fit
+    out, y_out = pre(x, y)
+    np.testing.assert_array_equal(out, pur20.purify(x))
+    assert y_out is y and pre.images == 6
+    g = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+    g_copy = g.copy()
+    np.testing.assert_array_equal(pre.estimate_gradient(x, g), g_copy)  # BPDA: incoming gradient unchanged
+
+    # Inside ART's PyTorchClassifier: predict / loss_gradient purify first, then the identity backward,
+    # i.e. exactly the bare classifier's gradient taken at the purified images.
+    bpda = bpda_classifier(victim20, pur20)
+    bare = art_classifier(victim20)
+    assert not bpda.all_framework_preprocessing
+    xp = pur20.purify(x)
+    np.testing.assert_allclose(bpda.predict(x), bare.predict(xp), rtol=1e-5, atol=1e-5)
+    y1h = np.eye(10, dtype=np.float32)[y]                  # ART's estimators take one-hot labels
+    gb = bpda.loss_gradient(x, y1h)
+    np.testing.assert_allclose(gb, bare.loss_gradient(xp, y1h), rtol=1e-5, atol=1e-7)
+    assert np.abs(gb).sum() > 0
+    # EOT over a deterministic purifier: k samples average to the same gradient, at k purifications a step.
+    eot = bpda_classifier(victim20, pur20, eot_samples=3)
+    pre_eot = eot.preprocessing_operations[0]
+    np.testing.assert_allclose(eot.loss_gradient(x, y1h), gb, rtol=1e-5, atol=1e-7)
+    assert pre_eot.calls == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        ZeroPurPreprocessor(pur20, batch_size=pur20.max_batch + 1)
+
+
+def test_eval_end_to_end_every_attack(art20, victim20, cifar, tmp_path, capsys):
+    out = tmp_path / "ev"
+    rc = evaluate.main(["--models", "resnet20", "--artifacts", str(art20), "--rows", "0:12", "--batch", "8",
+                        "--pgd-steps", "3", "--apgd-iter", "3", "--bpda-steps", "2", "--bpda-n", "6", "--seed", "3",
+                        "--out", str(out), *FAST])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "eval.json").read_text())
+    md = (out / "eval.md").read_text()
+    rows = {r["attack"]: r for r in res["attacks"]}
+    assert set(rows) == {"pgd", "apgd-ce", "apgd-dlr", "bpda", evaluate.WORST}
+    for name in rows:
+        assert f"| {name} |" in md
+    assert res["n"] == 12 and res["rows"] == [0, 12] and res["seed"] == 3
+    assert res["purifier_config"]["gs_steps"] == 1 and res["purifier_config"]["ap_steps"] == 1
+    clean = res["clean"]
+    y = cifar[1][:12]
+    # Bare clean accuracy is the victim's own, image by image.
+    with torch.no_grad():
+        ref = victim20(torch.from_numpy(cifar[0][:12])).argmax(1).numpy() == y
+    assert clean["correct"] == "".join("1" if c else "0" for c in ref) and clean["acc"] > 50
+    for name, r in rows.items():
+        assert r["seed"] == 3 and r["attack_s"] > 0
+        assert r["linf"] <= 8 / 255 + 1e-5
+        assert len(r["correct"]) == r["n"] == (6 if name == "bpda" else 12)
+        assert r["robust_acc"] == pytest.approx(100 * r["correct"].count("1") / r["n"])
+    # A few PGD steps on the bare ResNet-20 must hurt it.
+    assert rows["pgd"]["robust_acc"] < clean["acc"]
+    assert rows["apgd-ce"]["robust_acc"] < clean["acc"]
+    # Worst case over the APGD pair: robust only if robust against both.
+    w = rows[evaluate.WORST]
+    for key in ("robust_acc", "robust_acc_purified"):
+        assert w[key] <= min(rows["apgd-ce"][key], rows["apgd-dlr"][key])
+    assert rows["bpda"]["purifications_during_attack"] >= 6 * 2   # one purification per BPDA step
+
+
+def _bad(tmp_path, *extra):
+    out = tmp_path / "bad"
+    rc = evaluate.main(["--n", "4", "--out", str(out), *FAST, *extra])
+    return rc, out
+
+
+def test_bad_attack_backend_rows_set(art20, tmp_path, capsys):
+    for extra, msg in ((["--attacks", "pgd", "cw"], "unknown attack"),
+                       (["--backend", "tvm"], "unknown backend"),
+                       (["--rows", "5:2"], "--rows"),
+                       (["--set", "nosuch=1"], "--set"),
+                       (["--set", "gs_steps=two"], "not a valid int")):
+        rc, out = _bad(tmp_path, "--artifacts", str(art20), *extra)
+        err = capsys.readouterr().err
+        assert rc != 0 and msg in err, (extra, err)
+        assert not (out / "eval.json").exists()
+
+
+def test_batch_too_big_for_artifact(art20, tmp_path, capsys):
+    rc, out = _bad(tmp_path, "--artifacts", str(art20), "--batch", "65")
+    err = capsys.readouterr().err
+    assert rc == 2 and "max batch 64" in err
+    assert not (out / "eval.json").exists()
+
+
+def test_no_partial_json_on_error(art20, tmp_path, capsys, monkeypatch):
+    def boom(self, name):
+        raise RuntimeError("attack exploded")
+    monkeypatch.setattr(evaluate.Evaluator, "make_attack", boom)
+    rc, out = _bad(tmp_path, "--artifacts", str(art20), "--attacks", "pgd")
+    assert rc == 2 and "attack exploded" in capsys.readouterr().err
+    assert not (out / "eval.json").exists()
+
+
+def test_art_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "art", None)           # `import art` now raises ImportError
+    monkeypatch.delitem(sys.modules, "benchmarks.art_preprocessor", raising=False)
+    rc, out = _bad(tmp_path, "--artifacts", str(tmp_path / "nowhere"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'zeropur-rt[eval]'" in err
+    assert not out.exists()
+
+
+def test_reachable_from_cli(tmp_path, capsys):
+    from zeropur_rt.cli import main
+    rc = main(["eval", "--attacks", "nope", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "unknown attack" in capsys.readouterr().err
