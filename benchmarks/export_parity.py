@@ -1,0 +1,76 @@
+"""Export parity table: ONNX Runtime float32 vs torch float32, both against the float64 torch reference.
+
+    python benchmarks/export_parity.py                       # all zoo architectures (minutes)
+    python benchmarks/export_parity.py resnet20 vgg19_bn     # a subset
+    python benchmarks/export_parity.py --artifacts DIR ...   # reuse/keep exports in DIR/<model>
+
+Error = ||a - truth|| / ||truth||, truth = the reference in float64. A row passes when the ORT
+error is <= 2x the torch float32 error + 1e-7 and <= 1e-3. Real weights for resnet20/56 (from
+the shared folder), seeded random weights otherwise; CIFAR-10 test images where available.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from zeropur_export.onnx_export import BatchRange, export_artifacts  # noqa: E402
+from zeropur_export.parity import OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
+from zeropur_export.weights import KNOWN_WEIGHTS  # noqa: E402
+from zeropur_export.zoo import ZOO, load_victim  # noqa: E402
+from zeropur_rt.config import preset  # noqa: E402
+from zeropur_rt.data import cifar10_test_path, load_cifar10_test, to_nchw_float  # noqa: E402
+from zeropur_rt.manifest import load_manifest  # noqa: E402
+
+DEFAULT = ("resnet20", "resnet56", "preact_resnet18", "vgg19_bn", "wrn28_10", "resnet50")
+BATCHES = {"wrn28_10": (1, 2), "resnet50": (1, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="*", default=list(DEFAULT))
+    p.add_argument("--artifacts", help="directory for the exports (default: a temp dir)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = Path(args.artifacts) if args.artifacts else Path(tempfile.mkdtemp(prefix="zeropur-parity-"))
+    cifar = to_nchw_float(load_cifar10_test(stop=32)[0]) if cifar10_test_path().is_file() else None
+    rows = []
+    for name in args.models:
+        if name not in ZOO:
+            print(f"unknown architecture {name}", file=sys.stderr)
+            return 2
+        try:
+            v = load_victim(name) if name in KNOWN_WEIGHTS else load_victim(name, random_init=True)
+        except FileNotFoundError:
+            v = load_victim(name, random_init=True)
+        if name == "vgg19_bn" and name not in KNOWN_WEIGHTS:
+            v = well_conditioned(v)  # torch's default init collapses random VGG's embedding (cos ~ 1 - 5e-12)
+        cfg = preset(ZOO[name][2])
+        out = root / name
+        try:
+            load_manifest(out)
+            print(f"{name}: reusing {out}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - no valid artifact there: export
+            t = time.perf_counter()
+            export_artifacts(v, cfg, out, batch=BatchRange(1, 2, 64), force=True)
+            print(f"{name}: exported in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        og = OrtGraphs(out, threads=args.threads)
+        for b in BATCHES.get(name, (1, 32)):
+            x = torch.rand((b, *v.spec.input_shape), generator=torch.Generator().manual_seed(100 + b))
+            rows += parity(v, cfg, og, x, "random", seed=b)
+            if cifar is not None and v.spec.input_shape == (3, 32, 32):
+                rows += parity(v, cfg, og, torch.from_numpy(cifar[:b]), "cifar10", seed=b)
+    print(format_table(rows))
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

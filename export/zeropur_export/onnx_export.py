@@ -1,0 +1,305 @@
+"""Export a victim's ZeroPur graphs (classifier, gs_grad, ap_setup, ap_grad) into an artifact directory.
+
+Each graph is traced with ``zeropur_export.lowering`` from the functions of
+``zeropur_export.reference`` (never re-written here), wrapped in a fixed-arity module and
+exported with ``torch.onnx.export(dynamo=True)`` with only the batch dimension dynamic.
+Everything is written into a temp directory beside the destination, checked (ONNX checker
+with full_check, shape inference, TensorRT allowlist, manifest round trip) and renamed into
+place at the end: there is never a partial artifact directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from zeropur_export import lowering, trt_ops
+from zeropur_export.reference import APConstants, ap_constants, ap_loss, gs_loss
+from zeropur_export.taps import Victim
+from zeropur_rt.config import ZeroPurConfig
+from zeropur_rt.files import atomic_write_json, sha256_file
+from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, graph_io, load_manifest
+
+DEFAULT_OPSET = 18  # the dynamo exporter emits opset >= 18; TensorRT 10 parses 9..24 (8.6: up to 17)
+GRAPHS_FULL = ("classifier", "gs_grad", "ap_setup", "ap_grad")
+GRAPHS_GS_ONLY = ("classifier", "gs_grad")
+
+
+class ExportError(RuntimeError):
+    """The export could not produce a valid artifact directory (nothing was left behind)."""
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    min: int = 1
+    opt: int = 32
+    max: int = 256
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.min, int) and isinstance(self.opt, int) and isinstance(self.max, int)):
+            raise ValueError(f"batch sizes must be integers, got {self}")
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"need 1 <= min-batch <= opt-batch <= max-batch, got {self.min}, {self.opt}, {self.max}")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+
+# ---------------------------------------------------------------- graph functions (thin closures over reference.py)
+def graph_functions(victim: Victim, cfg: ZeroPurConfig) -> dict[str, tuple[Callable[..., Any], bool]]:
+    """name -> (function of the graph inputs, is_gradient). Gradient functions are differentiated
+    w.r.t. their first input by ``lowering.trace_grad``."""
+    n_ila = len(victim.spec.ila)
+
+    def classifier(x):
+        logits, taps = victim.run(x)
+        return logits, taps[victim.spec.embedding]
+
+    def gs(x, x_blur):
+        return gs_loss(victim, x, x_blur)
+
+    def setup(x_in, coarse):
+        c = ap_constants(victim, x_in, coarse, cfg)
+        return (*c.ila_dir, c.lpips_ref)
+
+    def ap(fine, *consts):
+        c = APConstants(ila_dir=list(consts[:n_ila]), lpips_ref=consts[n_ila], ila_offset=None)
+        return ap_loss(victim, fine, c, cfg)
+
+    fns: dict[str, tuple[Callable[..., Any], bool]] = {"classifier": (classifier, False), "gs_grad": (gs, True)}
+    if victim.spec.supports_ap:
+        fns["ap_setup"] = (setup, False)
+        fns["ap_grad"] = (ap, True)
+    return fns
+
+
+def example_inputs(victim: Victim, cfg: ZeroPurConfig, name: str, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    """Inputs of graph ``name`` (in graph_io order) for tracing and tests."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, *victim.spec.input_shape)
+    x = torch.rand(shape, generator=g)
+    if name == "classifier":
+        return [x]
+    if name == "gs_grad":
+        from zeropur_export.reference import blur_torch
+        return [x, blur_torch(x, cfg.blur_sigma)]
+    coarse = (x + cfg.eps * torch.sign(torch.rand(shape, generator=g) - 0.5)).clamp(0, 1)
+    if name == "ap_setup":
+        return [x, coarse]
+    if name == "ap_grad":
+        with torch.no_grad():
+            c = ap_constants(victim, x, coarse, cfg)
+        fine = (x + cfg.ap_step * torch.sign(torch.rand(shape, generator=g) - 0.5)).clamp(0, 1)
+        return [fine, *c.ila_dir, c.lpips_ref]
+    raise KeyError(name)
+
+
+def _fixed_arity(gm: nn.Module, n: int) -> nn.Module:
+    """An nn.Module whose forward takes exactly ``n`` named tensors (torch.export needs named args)."""
+    args = ", ".join(f"a{i}" for i in range(n))
+    ns: dict[str, Any] = {}
+    exec(f"def forward(self, {args}):\n    return self.gm({args})\n", ns)  # noqa: S102 - generated, fixed text
+    cls = type(f"ZeroPurGraph{n}", (nn.Module,), {"forward": ns["forward"]})
+    m = cls()
+    m.gm = gm
+    return m
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    buf = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_graph(victim: Victim, cfg: ZeroPurConfig, name: str, path: Path, batch: BatchRange,
+                 opset: int = DEFAULT_OPSET, verbose: bool = False) -> dict[str, Any]:
+    """Trace and export one graph to ``path``; returns {file, inputs, outputs, seconds}."""
+    fns = graph_functions(victim, cfg)
+    if name not in fns:
+        raise ExportError(f"{victim.name} has no {name} graph (Guided Shift only victims export classifier + gs_grad)")
+    fn, is_grad = fns[name]
+    n_ila = len(victim.spec.ila)
+    in_names, out_names = graph_io(name, n_ila)
+    trace_b = lowering.pick_trace_batch([*victim.spec.input_shape, *_other_dims(victim, cfg, name)])
+    ex = example_inputs(victim, cfg, name, trace_b)
+    t0 = time.perf_counter()
+    with _quiet(verbose):
+        gm = (lowering.trace_grad(fn, ex, with_value="loss" in out_names) if is_grad else lowering.trace(fn, ex))
+    t1 = time.perf_counter()
+    module = _fixed_arity(gm, len(ex))
+    # torch.export's example batch must lie in [min, max] and avoid the specialised sizes 0 and 1
+    export_b = min(max(2, batch.min), batch.max)
+    if export_b != trace_b:
+        ex = example_inputs(victim, cfg, name, export_b)
+    if batch.max == 1:
+        dyn = None  # a fixed batch of 1
+    else:
+        bdim = torch.export.Dim("batch", min=batch.min, max=batch.max)
+        dyn = {f"a{i}": {0: bdim} for i in range(len(ex))}
+    try:
+        with _quiet(verbose):
+            prog = torch.onnx.export(module, tuple(ex), dynamo=True, dynamic_shapes=dyn, opset_version=opset,
+                                     input_names=in_names, output_names=out_names, optimize=True,
+                                     external_data=False, verbose=verbose)
+            prog.save(str(path))
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types
+        raise ExportError(f"torch.onnx.export of {name} for {victim.name} failed: {e}") from e
+    return {"file": path.name, "inputs": in_names, "outputs": out_names,
+            "seconds": {"trace": t1 - t0, "export": time.perf_counter() - t1}}
+
+
+def _other_dims(victim: Victim, cfg: ZeroPurConfig, name: str) -> list[int]:
+    """Every dim of the graph's example inputs other than the batch (the trace batch must avoid them)."""
+    if name not in ("ap_setup", "ap_grad"):
+        return []
+    with torch.no_grad():
+        x = torch.full((2, *victim.spec.input_shape), 0.5)
+        c = ap_constants(victim, x, x, cfg)
+    return [int(s) for t in (*c.ila_dir, c.lpips_ref) for s in t.shape[1:]]
+
+
+def check_graph(path: Path, name: str, n_ila: int) -> None:
+    """ONNX checker (full_check: includes strict shape inference), I/O names, TensorRT allowlist."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path))
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{path.name} fails the ONNX checker / shape inference: {e}") from e
+    ins, outs = graph_io(name, n_ila)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != ins or got_out != outs:
+        raise ExportError(f"{path.name} has inputs {got_in} / outputs {got_out}, the format needs {ins} / {outs}")
+    bad = trt_ops.check_model(model)
+    if bad:
+        raise ExportError(f"{path.name} uses operators TensorRT {trt_ops.TRT_VERSION} rejects:\n  " +
+                          "\n  ".join(map(str, bad)))
+
+
+def tool_versions() -> dict[str, str]:
+    import onnx
+    import onnxscript
+
+    import zeropur_rt
+
+    v = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+         "zeropur_rt": zeropur_rt.__version__, "trt_allowlist": trt_ops.TRT_VERSION}
+    try:
+        import onnxruntime
+        v["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return v
+
+
+# ---------------------------------------------------------------- destination handling
+def _prepare_destination(out_dir: Path, force: bool) -> Path:
+    """Checks and a temp dir beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if out_dir.exists() and not force:
+        raise FileExistsError(f"artifact directory {out_dir} already exists; pass --force (force=True) to replace it")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+    except OSError as e:
+        raise PermissionError(f"cannot write the artifact directory {out_dir}: {parent} is not writable ({e})") from e
+    return tmp
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.rmdir(old)
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the API
+def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathLike, *,
+                     batch: BatchRange | Sequence[int] | dict[str, int] = BatchRange(),
+                     force: bool = False, weights_sha256: str | None = None, model: str | None = None,
+                     opset: int = DEFAULT_OPSET, calibration: dict[str, Any] | None = None,
+                     graphs: Sequence[str] | None = None, check: bool = True, verbose: bool = False,
+                     log: Callable[[str], None] | None = None) -> Path:
+    """Export ``victim``'s ZeroPur graphs + manifest.json into ``out_dir`` (atomically); returns its path.
+
+    ``victim``: a zoo victim (``zoo.load_victim``) or a user network wrapped by ``taps.make_victim``.
+    GS-only victims (no ILA/LPIPS taps) get classifier + gs_grad only. ``cfg``'s ila_weight and
+    lpips_weight are baked into ap_grad.
+    """
+    if not isinstance(victim, Victim):
+        raise TypeError("victim must be a zeropur_export.taps.Victim (wrap your nn.Module with taps.make_victim)")
+    if victim.mean.dtype != torch.float32 or any(p.dtype != torch.float32 for p in victim.parameters()):
+        raise ValueError("export a float32 victim (the graphs take float32 images)")
+    if isinstance(batch, dict):
+        batch = BatchRange(**batch)
+    elif not isinstance(batch, BatchRange):
+        batch = BatchRange(*batch)
+    if cfg.ap_steps > 0 and not victim.spec.supports_ap:
+        cfg = cfg.replace(ap_steps=0)  # GS only: the manifest's config must not ask for AP graphs that do not exist
+    names = tuple(graphs) if graphs is not None else (GRAPHS_FULL if victim.spec.supports_ap else GRAPHS_GS_ONLY)
+    out_dir = Path(out_dir).absolute()
+    tmp = _prepare_destination(out_dir, force)
+    say = log or (lambda s: None)
+    try:
+        n_ila = len(victim.spec.ila)
+        graph_specs: dict[str, dict[str, Any]] = {}
+        for name in names:
+            t = time.perf_counter()
+            spec = export_graph(victim, cfg, name, tmp / f"{name}.onnx", batch, opset, verbose)
+            if check:
+                check_graph(tmp / spec["file"], name, n_ila)
+            say(f"{name}: traced in {spec['seconds']['trace']:.1f}s, exported in {spec['seconds']['export']:.1f}s, "
+                f"total {time.perf_counter() - t:.1f}s")
+            graph_specs[name] = {k: spec[k] for k in ("file", "inputs", "outputs")}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        s = victim.spec
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, model=model or victim.name, weights_sha256=weights_sha256,
+            taps=s.to_dict(), config=cfg.to_dict(), input_shape=tuple(s.input_shape), mean=tuple(s.mean),
+            std=tuple(s.std), num_classes=s.num_classes, batch=batch.to_dict(), opset=opset, tools=tool_versions(),
+            graphs=graph_specs, files=files, calibration=calibration)
+        atomic_write_json(tmp / MANIFEST, manifest.to_dict())
+        load_manifest(tmp)  # round trip: what the runtime will read
+        _commit(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

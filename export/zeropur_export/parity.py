@@ -1,0 +1,211 @@
+"""Parity of exported graphs (ONNX Runtime, float32) against the torch reference.
+
+Truth is the reference in float64 (``victim.double()``); the error of a result is
+``||a - truth|| / ||truth||``. An exported graph passes when its ONNX Runtime float32 error
+is at most 2x the torch float32 reference's own error plus a float32 floor (``ABS_FLOOR``, a few
+ulps; for gs_grad's gradient the conditioning floor of the cosine, see ``conditioning_floor``)
+and below ``MAX_ERR``; isolated ReLU-mask flips are reported as outliers (see ``ParityRow.ok``).
+Used by tests/test_export.py and benchmarks/export_parity.py.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from zeropur_export.onnx_export import graph_functions
+from zeropur_export.reference import APConstants, ap_constants, ap_loss, blur_torch, gs_loss
+from zeropur_export.taps import Victim
+from zeropur_rt.config import ZeroPurConfig
+from zeropur_rt.manifest import graph_io, load_manifest
+
+EPS32 = float(np.finfo(np.float32).eps)
+ABS_FLOOR = 4 * EPS32  # ~4.8e-7: a few float32 ulps (a scalar loss can be off by 2 ulps either way)
+MAX_ERR = 1e-3
+
+
+@dataclass
+class ParityRow:
+    model: str
+    graph: str
+    output: str
+    inputs: str  # "random" / "cifar10" / "fine=x_in"
+    batch: int
+    ort_err: float
+    torch_err: float
+    outliers: int = 0  # samples that fail the rule on their own (per-sample errors)
+    worst: float = 0.0  # the largest per-sample ORT error
+    floor: float = ABS_FLOOR  # the float32 floor of this output's relative error (see conditioning_floor)
+    median_ok: bool = True  # the rule holds for the per-sample median errors
+
+    @property
+    def strict_ok(self) -> bool:
+        """The rule on the whole batch."""
+        return bool(np.isfinite(self.ort_err) and self.ort_err <= 2 * self.torch_err + self.floor
+                    and self.ort_err <= MAX_ERR)
+
+    @property
+    def ok(self) -> bool:
+        """The rule on the whole batch, or on every sample but isolated ReLU-mask flips.
+
+        A float32 pre-activation within rounding of 0 can flip a ReLU mask in one backend and
+        not the other (different conv algorithms round differently): that sample's gradient
+        jumps (~1e-3) while every other sample agrees to ~1e-7. Such a flip is float32's, not
+        the lowering's (the torch float32 reference shows the same flips on other samples): in
+        batches >= 8, up to max(2, 10% of the batch) such samples are tolerated when the rule holds
+        for the per-sample median errors.
+        """
+        if self.strict_ok:
+            return True
+        return bool(self.batch >= 8 and np.isfinite(self.worst) and self.outliers <= max(2, self.batch // 10)
+                    and self.median_ok)
+
+
+def conditioning_floor(victim64: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> float:
+    """Float32 floor of gs_grad's relative error: d cos / d e has norm sin(angle)/|e| while a rounding
+    of cos by ~eps shifts it by ~eps/|e|, so its relative error is >= ~eps / sin(angle) in ANY float32
+    implementation (summation order alone moves it). 4 eps / min sin over the batch."""
+    with torch.no_grad():
+        e, eb = victim64.embed(x.double()), victim64.embed(x_blur.double())
+        cos = torch.nn.functional.cosine_similarity(e, eb, dim=1).clamp(-1, 1)
+    sin = torch.sqrt(torch.clamp(1 - cos * cos, min=1e-300)).min().item()
+    return max(ABS_FLOOR, 4 * EPS32 / sin)
+
+
+def well_conditioned(victim: Victim, seed: int = 0) -> Victim:
+    """He-normal conv weights for a random-init victim whose default init collapses the embedding
+    (random VGG-19-BN: 1 - cos(E(x), E(blur x)) ~ 5e-12, so its GS gradient is pure rounding noise)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in victim.net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+    return victim
+
+
+def double_victim(victim: Victim) -> Victim:
+    """A float64 copy (a fresh Victim: the tap hooks of a deep copy would still write into the original)."""
+    return Victim(copy.deepcopy(victim.net), victim.spec, victim.name).double()
+
+
+def rel_err(a: np.ndarray, truth: np.ndarray) -> float:
+    a, truth = np.asarray(a, np.float64), np.asarray(truth, np.float64)
+    n = np.linalg.norm(truth)
+    d = np.linalg.norm(a - truth)
+    return float(d / n) if n > 0 else float(d)
+
+
+def _grad(loss_fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(x)
+        (g,) = torch.autograd.grad(loss, x)
+    return g.detach(), loss.detach()
+
+
+def torch_outputs(victim: Victim, cfg: ZeroPurConfig, name: str, inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """The reference's outputs of graph ``name`` in graph_io order, in the victim's precision."""
+    dt = victim.mean.dtype
+    ins = [t.to(dt) for t in inputs]
+    n_ila = len(victim.spec.ila)
+    with torch.no_grad():
+        if name == "classifier":
+            fn, _ = graph_functions(victim, cfg)["classifier"]
+            outs = fn(ins[0])
+        elif name == "gs_grad":
+            outs = _grad(lambda v: gs_loss(victim, v, ins[1]), ins[0])
+        elif name == "ap_setup":
+            c = ap_constants(victim, ins[0], ins[1], cfg)
+            outs = (*c.ila_dir, c.lpips_ref)
+        elif name == "ap_grad":
+            c = APConstants(list(ins[1:1 + n_ila]), ins[1 + n_ila], None)
+            outs = (_grad(lambda v: ap_loss(victim, v, c, cfg), ins[0])[0],)
+        else:
+            raise KeyError(name)
+    return [o.detach().to(torch.float64).numpy() for o in outs]
+
+
+class OrtGraphs:
+    """ONNX Runtime (CPU) sessions of an artifact directory."""
+
+    def __init__(self, artifact_dir: str | Path, threads: int = 2):
+        import onnxruntime as ort
+
+        self.dir = Path(artifact_dir)
+        self.manifest = load_manifest(self.dir)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.sessions = {g: ort.InferenceSession(str(self.dir / s["file"]), so, providers=["CPUExecutionProvider"])
+                         for g, s in self.manifest.graphs.items()}
+
+    def run(self, name: str, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
+        ins, _ = graph_io(name, self.manifest.n_ila)
+        feed = {k: np.ascontiguousarray(np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v,
+                                                   dtype=np.float32)) for k, v in zip(ins, inputs)}
+        return self.sessions[name].run(None, feed)
+
+
+def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs, x: torch.Tensor, label: str,
+           seed: int = 0) -> list[ParityRow]:
+    """Rows for every graph of the artifact on images ``x`` (float32 NCHW in [0,1])."""
+    v32 = victim
+    v64 = double_victim(victim)
+    g = torch.Generator().manual_seed(seed)
+    rows: list[ParityRow] = []
+    b = x.shape[0]
+    n_ila = len(victim.spec.ila)
+
+    def add(graph: str, ins32: Sequence[torch.Tensor], ins64: Sequence[torch.Tensor], ort_ins, what: str = label,
+            floors: dict[str, float] | None = None):
+        truth = torch_outputs(v64, cfg, graph, ins64)
+        t32 = torch_outputs(v32, cfg, graph, ins32)
+        o = ort_graphs.run(graph, ort_ins)
+        _, outs = graph_io(graph, n_ila)
+        for nm, tr, a, bb in zip(outs, truth, t32, o):
+            fl = (floors or {}).get(nm, ABS_FLOOR)
+            outl, worst, med_ok = 0, rel_err(bb, tr), True
+            if np.ndim(tr) >= 1 and np.shape(tr)[0] == b and b > 1:
+                per = np.array([(rel_err(bb[i], tr[i]), rel_err(a[i], tr[i])) for i in range(b)])
+                outl = int(sum(1 for e_o, e_t in per if not (e_o <= 2 * e_t + fl and e_o <= MAX_ERR)))
+                worst = float(per[:, 0].max())
+                med_o, med_t = np.median(per, axis=0)
+                med_ok = bool(med_o <= 2 * med_t + fl and med_o <= MAX_ERR)
+            rows.append(ParityRow(victim.name, graph, nm, what, b, rel_err(bb, tr), rel_err(a, tr), outl, worst, fl,
+                                  med_ok))
+        return truth, t32, o
+
+    add("classifier", [x], [x.double()], [x])
+    xb = blur_torch(x, cfg.blur_sigma)
+    add("gs_grad", [x, xb], [x.double(), xb.double()], [x, xb],
+        floors={"grad": conditioning_floor(v64, x, xb)})
+    if "ap_setup" in ort_graphs.sessions:
+        coarse = (x + cfg.eps * torch.sign(torch.rand(x.shape, generator=g) - 0.5)).clamp(0, 1)
+        c64, c32, co = add("ap_setup", [x, coarse], [x.double(), coarse.double()], [x, coarse])
+        fine = x.clone()
+        for _ in range(3):
+            fine = fine - cfg.ap_step * torch.sign(torch.rand(x.shape, generator=g) - 0.5)
+            fine = torch.minimum(torch.maximum(fine, x - cfg.eps), x + cfg.eps).clamp(0, 1)
+        to_t = lambda arrs, dt: [torch.from_numpy(np.asarray(a)).to(dt) for a in arrs]  # noqa: E731
+        add("ap_grad", [fine, *to_t(c32, torch.float32)], [fine.double(), *to_t(c64, torch.float64)], [fine, *co])
+        # at fine == x_in the LPIPS distance is 0: the gradient must stay finite (no NaN from sqrt)
+        (gz,) = ort_graphs.run("ap_grad", [x, *co])
+        rows.append(ParityRow(victim.name, "ap_grad", "grad", "fine=x_in", b,
+                              0.0 if np.all(np.isfinite(gz)) else float("nan"), 0.0))
+    return rows
+
+
+def format_table(rows: Sequence[ParityRow]) -> str:
+    """One line per output; ok: yes (whole-batch rule), yes* (isolated ReLU-mask flips, see ParityRow.ok), NO."""
+    lines = [f"{'model':<16} {'graph':<11} {'output':<10} {'inputs':<9} {'batch':>5} {'ORT f32 rel err':>16} "
+             f"{'torch f32 rel err':>18} {'f32 floor':>10} {'outliers':>8} {'ok':>4}"]
+    for r in rows:
+        lines.append(f"{r.model:<16} {r.graph:<11} {r.output:<10} {r.inputs:<9} {r.batch:>5} {r.ort_err:>16.3e} "
+                     f"{r.torch_err:>18.3e} {r.floor:>10.1e} {r.outliers:>8} "
+                     f"{('yes' if r.strict_ok else 'yes*') if r.ok else 'NO':>4}")
+    return "\n".join(lines)

@@ -1,0 +1,304 @@
+"""Export of every zoo architecture: ONNX checks, TensorRT allowlist, dynamic batch, parity vs the reference,
+bad inputs of the CLI/API, tamper detection. ``pytest -s`` prints the parity table."""
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from zeropur_export import cli, onnx_export, trt_ops  # noqa: E402
+from zeropur_export.onnx_export import BatchRange, export_artifacts  # noqa: E402
+from zeropur_export.parity import MAX_ERR, OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
+from zeropur_export.taps import TapSpec, make_victim  # noqa: E402
+from zeropur_export.zoo import ZOO, CifarResNet, load_victim  # noqa: E402
+from zeropur_export.weights import find_weights  # noqa: E402
+from zeropur_rt.config import preset  # noqa: E402
+from zeropur_rt.files import sha256_file  # noqa: E402
+from zeropur_rt.data import cifar10_test_path, load_cifar10_test, shared_dir, to_nchw_float  # noqa: E402
+from zeropur_rt.manifest import ArtifactError, graph_io, load_manifest  # noqa: E402
+
+torch.set_num_threads(2)
+
+# name -> (real weights?, parity batches, max batch of the export)
+ARCHS = {
+    "resnet20": (True, (1, 32), 256),
+    "resnet56": (True, (1, 32), 256),
+    "preact_resnet18": (False, (1, 32), 256),
+    "vgg19_bn": (False, (1, 32), 256),
+    "wrn28_10": (False, (1, 2), 8),  # big: tiny batches
+    "resnet50": (False, (1, 2), 4),  # 224x224: tiny batches
+}
+BIG = {"wrn28_10", "resnet50"}
+_ROWS: list = []
+_TIMES: dict[str, float] = {}
+
+
+def _victim(name):
+    real = ARCHS[name][0]
+    if real:
+        f = shared_dir() / "models"
+        if not f.is_dir() or not any(f.glob(f"{name}-*.th")):
+            pytest.skip(f"{name} real weights not found under {f} (set ZEROPUR_SHARED to the shared folder)")
+        return load_victim(name)
+    v = load_victim(name, random_init=True)
+    return well_conditioned(v) if name == "vgg19_bn" else v
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache: dict[str, tuple] = {}
+
+    def get(name):
+        if name not in cache:
+            v = _victim(name)
+            cfg = preset(ZOO[name][2])
+            out = tmp_path_factory.mktemp("art") / name
+            t = time.perf_counter()
+            sha = sha256_file(find_weights(name)) if ARCHS[name][0] else None
+            export_artifacts(v, cfg, out, batch=BatchRange(1, min(32, ARCHS[name][2]), ARCHS[name][2]),
+                             weights_sha256=sha)
+            _TIMES[name] = time.perf_counter() - t
+            cache[name] = (v, cfg, out)
+        return cache[name]
+
+    yield get
+    if _TIMES:
+        print("\nexport seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in _TIMES.items()))
+    if _ROWS:
+        print("\n" + format_table(_ROWS))
+
+
+_SKIP_BIG = pytest.mark.skipif(os.environ.get("ZEROPUR_SKIP_BIG_EXPORTS") == "1",
+                               reason="ZEROPUR_SKIP_BIG_EXPORTS=1 (WRN-28-10 / ResNet-50 exports take minutes)")
+
+
+def _params():
+    return [pytest.param(n, marks=_SKIP_BIG) if n in BIG else n for n in ARCHS]
+
+
+@pytest.mark.parametrize("name", _params())
+def test_export_checks(exported, name):
+    v, cfg, out = exported(name)
+    m = load_manifest(out)
+    expected = ("classifier", "gs_grad", "ap_setup", "ap_grad") if v.spec.supports_ap else ("classifier", "gs_grad")
+    assert tuple(m.graphs) == expected
+    assert sorted(m.files) == sorted([f"{g}.onnx" for g in expected])
+    assert m.model == name and m.opset == onnx_export.DEFAULT_OPSET and m.input_shape == v.spec.input_shape
+    assert (m.weights_sha256 is not None) == ARCHS[name][0]
+    for g, spec in m.graphs.items():
+        path = out / spec["file"]
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), check_type=True, strict_mode=True)
+        assert trt_ops.check_model(model) == [], g
+        ins, outs = graph_io(g, m.n_ila)
+        assert [i.name for i in model.graph.input] == ins == spec["inputs"]
+        assert [o.name for o in model.graph.output] == outs == spec["outputs"]
+        for i in model.graph.input:  # batch dynamic, everything else static
+            dims = i.type.tensor_type.shape.dim
+            assert dims[0].dim_param and not dims[0].dim_value, (g, i.name)
+            assert all(d.dim_value > 0 for d in dims[1:]), (g, i.name)
+        used = {n.op_type for n in model.graph.node}
+        assert not used & {"Scatter", "ScatterElements", "ScatterND", "MaxUnpool"}
+
+
+@pytest.mark.parametrize("name", _params())
+def test_parity(exported, name, cifar_or_none):
+    v, cfg, out = exported(name)
+    og = OrtGraphs(out)
+    rows = []
+    for b in ARCHS[name][1]:
+        g = torch.Generator().manual_seed(100 + b)
+        x = torch.rand((b, *v.spec.input_shape), generator=g)
+        rows += parity(v, cfg, og, x, "random", seed=b)
+        if v.spec.input_shape == (3, 32, 32) and cifar_or_none is not None:
+            rows += parity(v, cfg, og, torch.from_numpy(cifar_or_none[:b]), "cifar10", seed=b)
+    _ROWS.extend(rows)
+    print("\n" + format_table(rows))
+    bad = [r for r in rows if not r.ok]
+    if name in BIG:
+        # Random-weight WRN-28-10 / ResNet-50 at batch 1-2: millions of ReLUs, so float32 mask flips
+        # between backends are certain and the 2x rule is luck; hold them to the hard 1e-3 cap only.
+        soft = [r for r in bad if np.isfinite(r.ort_err) and r.ort_err <= MAX_ERR]
+        if soft:
+            print("\nwithin 1e-3 but above 2x torch f32 (reported, not failed):\n" + format_table(soft))
+        bad = [r for r in bad if r not in soft]
+    assert not bad, format_table(bad)
+
+
+@pytest.fixture(scope="module")
+def cifar_or_none():
+    if not cifar10_test_path().is_file():
+        return None
+    return to_nchw_float(load_cifar10_test(stop=32)[0])
+
+
+def test_ap_grad_finite_at_zero_lpips_distance(exported):
+    v, cfg, out = exported("resnet20")
+    og = OrtGraphs(out)
+    x = torch.rand(3, 3, 32, 32)
+    consts = og.run("ap_setup", [x, x])  # coarse == x_in: every ila_dir is 0 too
+    (g,) = og.run("ap_grad", [x, *consts])
+    assert np.all(np.isfinite(g))
+
+
+# ---------------------------------------------------------------- CLI / API bad inputs
+def _no_leftovers(parent: Path, name: str):
+    left = [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+    assert not left, left
+
+
+def test_cli_unknown_architecture(tmp_path, capsys):
+    assert cli.main(["resnet9000", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture" in err and "resnet20" in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_make_victim_bad_tap():
+    spec = TapSpec(embedding="linear:in", ila=("layer9",), lpips=("layer1",), mean=(0.5,) * 3, std=(0.5,) * 3,
+                   input_shape=(3, 32, 32), num_classes=10)
+    with pytest.raises(ValueError, match="not found"):
+        make_victim(CifarResNet(3), spec)
+
+
+def test_cli_missing_weights_file(tmp_path, capsys):
+    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights", str(tmp_path / "nope.th")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_known_weights_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ZEROPUR_SHARED", str(tmp_path / "empty"))
+    monkeypatch.delenv("ZEROPUR_WEIGHTS", raising=False)
+    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights-dir", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_no_known_weights_needs_flag(tmp_path, capsys):
+    assert cli.main(["preact_resnet18", "--out", str(tmp_path / "a")]) == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+def test_cli_corrupt_weights(tmp_path, capsys):
+    bad = tmp_path / "bad.th"
+    bad.write_bytes(b"not a checkpoint" * 10)
+    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights", str(bad)]) == 2
+    assert "cannot read weights" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    _no_leftovers(tmp_path, "a")
+
+
+def test_cli_weights_hash_mismatch(tmp_path, capsys, monkeypatch):
+    # a file with the known name but other bytes: find_weights -> verify_sha256 refuses it
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "resnet20-12fca82f.th").write_bytes(b"tampered")
+    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights-dir", str(d)]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    # an explicit file with an explicit expected hash
+    f = tmp_path / "w.th"
+    torch.save(CifarResNet(3).state_dict(), f)
+    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights", str(f), "--weights-sha256", "0" * 64]) == 2
+    assert "sha256 mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_bad_config(tmp_path, capsys):
+    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--random-init", "--set", "nope=1"]) == 2
+    assert "unknown config field" in capsys.readouterr().err
+    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--random-init", "--min-batch", "8",
+                     "--opt-batch", "4"]) == 2
+    assert "min-batch" in capsys.readouterr().err
+
+
+def test_cli_existing_dir_without_force(tmp_path, capsys):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(["resnet20", "--out", str(out), "--random-init"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_api_unwritable_out_dir(tmp_path):
+    v = load_victim("resnet20", random_init=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="not writable"):
+        export_artifacts(v, preset("cifar10"), blocker / "art")
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(PermissionError, match="not writable"):
+                export_artifacts(v, preset("cifar10"), ro / "art")
+            assert list(ro.iterdir()) == []
+        finally:
+            ro.chmod(0o700)
+
+
+def test_api_failure_mid_export_leaves_nothing(tmp_path, monkeypatch):
+    v = load_victim("resnet20", random_init=True)
+    calls = []
+
+    def fake_export_graph(victim, cfg, name, path, batch, opset, verbose):
+        calls.append(name)
+        if len(calls) == 2:
+            raise onnx_export.ExportError("boom")
+        path.write_bytes(b"partial")
+        return {"file": path.name, "inputs": [], "outputs": [], "seconds": {"trace": 0, "export": 0}}
+
+    monkeypatch.setattr(onnx_export, "export_graph", fake_export_graph)
+    with pytest.raises(onnx_export.ExportError, match="boom"):
+        export_artifacts(v, preset("cifar10"), tmp_path / "art", check=False)
+    assert not (tmp_path / "art").exists()
+    _no_leftovers(tmp_path, "art")
+
+
+def test_tampered_artifact_is_refused(exported, tmp_path):
+    _, _, out = exported("resnet20")
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    load_manifest(copy)
+    f = copy / "gs_grad.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match its manifest hash"):
+        load_manifest(copy)
+
+
+def test_manifest_records_config(exported):
+    _, _, out = exported("resnet20")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["ila_weight"] == preset("cifar10").ila_weight
+    assert m["batch"] == {"min": 1, "opt": 32, "max": 256}
+    assert set(m["tools"]) >= {"torch", "onnx", "onnxscript"}
+
+
+def test_api_force_replaces_existing(tmp_path, monkeypatch):
+    v = load_victim("resnet20", random_init=True)
+    tag = []
+
+    def fake_export_graph(victim, cfg, name, path, batch, opset, verbose):
+        path.write_bytes(f"{name}{len(tag)}".encode())
+        return {"file": path.name, "inputs": [], "outputs": [], "seconds": {"trace": 0, "export": 0}}
+
+    monkeypatch.setattr(onnx_export, "export_graph", fake_export_graph)
+    out = export_artifacts(v, preset("cifar10"), tmp_path / "art", check=False)
+    with pytest.raises(FileExistsError, match="force"):
+        export_artifacts(v, preset("cifar10"), out, check=False)
+    tag.append(1)
+    export_artifacts(v, preset("cifar10"), out, check=False, force=True)
+    assert (out / "classifier.onnx").read_bytes() == b"classifier1"
+    load_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
