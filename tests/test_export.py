@@ -28,7 +28,7 @@ torch.set_num_threads(2)
 
 # name -> (real weights?, parity batches, max batch of the export)
 ARCHS = {
-    "resnet20": (True, (1, 32), 256),
+    "resnet20": (True, (1, 32), 64),  # the session's shared export (conftest art20)
     "resnet56": (True, (1, 32), 256),
     "preact_resnet18": (False, (1, 32), 256),
     "vgg19_bn": (False, (1, 32), 256),
@@ -52,10 +52,12 @@ def _victim(name):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, request):
     cache: dict[str, tuple] = {}
 
     def get(name):
+        if name == "resnet20" and name not in cache:
+            cache[name] = (request.getfixturevalue("victim20"), preset("cifar10"), request.getfixturevalue("art20"))
         if name not in cache:
             v = _victim(name)
             cfg = preset(ZOO[name][2])

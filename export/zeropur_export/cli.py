@@ -56,7 +56,9 @@ def build_config(preset_name: str, config_file: str | None, sets: Sequence[str])
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zeropur-export", description=__doc__)
+    p = argparse.ArgumentParser(prog="zeropur-export", description=__doc__,
+                                epilog="TensorRT engines: zeropur-export build-engines ARTIFACT_DIR [--precision fp32|fp16] "
+                                       "(see zeropur-export build-engines -h)")
     p.add_argument("model", help="zoo architecture (e.g. resnet20, resnet56, preact_resnet18, wrn28_10, resnet50, vgg19_bn)")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--weights", help="weights file (state_dict); default: the known pretrained file")
@@ -118,6 +120,10 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build-engines"]:
+        from zeropur_export.engines import main_build_engines
+        return main_build_engines(argv[1:])
     args = make_parser().parse_args(argv)
     try:
         run(args)
