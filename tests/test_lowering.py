@@ -43,10 +43,12 @@ def _traced_vs_autograd(f, shape, batches=(3, 5), seed=0):
     return gm
 
 
-# ---------------------------------------------------------------- convolution_backward -> ConvTranspose
+# ---------------------------------------------------------------- convolution_backward -> Conv (stride 1) / ConvTranspose
 @pytest.mark.parametrize("k,stride,padding,dilation,groups,size", [
     (3, 1, 1, 1, 1, 8), (3, 2, 1, 1, 1, 9), (3, 2, 1, 1, 1, 8), (1, 2, 0, 1, 1, 7), (7, 2, 3, 1, 1, 15),
     (3, 1, 2, 2, 1, 8), (3, 2, 1, 1, 2, 10), (3, 3, 0, 1, 4, 11), ((3, 5), (2, 1), (1, 2), (1, 2), 1, 9),
+    # stride 1 becomes a Conv with the flipped kernel: unpadded, under-padded, grouped (stays ConvTranspose)
+    (3, 1, 0, 1, 1, 8), (5, 1, 1, 1, 1, 8), ((3, 5), 1, (1, 0), 1, 1, 7), (3, 1, 1, 1, 2, 8),
 ])
 def test_convolution_backward(k, stride, padding, dilation, groups, size):
     torch.manual_seed(0)
