@@ -10,27 +10,29 @@ import numpy as np
 
 @contextmanager
 def count_passes(victim) -> Iterator[dict[str, int]]:
-    """Counts forward passes (per image) through ``victim.net`` and backward passes (torch.autograd.grad calls)."""
+    """Counts forward passes through ``victim.net`` per image, and those recorded for autograd (each one is
+    back-propagated exactly once by the reference, so it also counts one backward pass)."""
     import torch
 
     counts = {"forward": 0, "backward": 0}
-    h = victim.net.register_forward_pre_hook(lambda _m, args: counts.__setitem__("forward", counts["forward"] + args[0].shape[0]))
-    real_grad = torch.autograd.grad
 
-    def grad(outputs, inputs, *a, **k):
-        counts["backward"] += inputs.shape[0] if hasattr(inputs, "shape") else inputs[0].shape[0]
-        return real_grad(outputs, inputs, *a, **k)
+    def hook(_m, args):
+        x = args[0]
+        counts["forward"] += x.shape[0]
+        if torch.is_grad_enabled() and x.requires_grad:
+            counts["backward"] += x.shape[0]
 
-    torch.autograd.grad = grad
+    h = victim.net.register_forward_pre_hook(hook)
     try:
         yield counts
     finally:
-        torch.autograd.grad = real_grad
         h.remove()
 
 
 def forward_equivalents(victim, cfg, ap_mode: str) -> dict[str, float]:
-    """Forward passes, backward passes and F-equivalents (a backward counted as 1 F, and as 2 F) per image."""
+    """Forward passes, backward passes and F-equivalents per image. With frozen weights a backward pass
+    computes input gradients only (one transposed conv per conv): about 1 F of MACs, 2 F by the usual
+    convention that also counts weight gradients; both are reported."""
     import torch
 
     from zeropur_export.reference import ReferencePurifier
