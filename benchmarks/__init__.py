@@ -1,0 +1,1 @@
+"""Benchmarks and jobs of zeropur-rt: bench, eval, calibrate."""
