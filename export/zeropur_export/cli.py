@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zeropur_rt.config import ZeroPurConfig, preset
+from zeropur_rt.files import sha256_file
 
 
 def _parse_value(raw: str, default: Any) -> Any:
@@ -38,7 +39,9 @@ def build_config(preset_name: str, config_file: str | None, sets: Sequence[str])
             raise ValueError(f"cannot read config file {config_file}: {e}") from e
         if not isinstance(raw, dict):
             raise ValueError(f"{config_file} must hold a JSON object")
-        calibration = raw.get("calibration")
+        # provenance in the manifest: the calibration record if the file has one, else the file itself
+        calibration = raw.get("calibration") or {"config_file": Path(config_file).name,
+                                                 "sha256": sha256_file(config_file)}
         cfg = ZeroPurConfig.from_dict({**cfg.to_dict(), **raw.get("config", raw if "calibration" not in raw else {})})
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     overrides: dict[str, Any] = {}
@@ -82,7 +85,6 @@ def run(args: argparse.Namespace) -> Path:
     from zeropur_export.onnx_export import DEFAULT_OPSET, BatchRange, export_artifacts
     from zeropur_export.weights import KNOWN_WEIGHTS, find_weights, verify_sha256
     from zeropur_export.zoo import ZOO, load_victim, zoo_names
-    from zeropur_rt.files import sha256_file
 
     if args.model not in ZOO:
         raise ValueError(f"unknown architecture {args.model!r}; valid: {', '.join(zoo_names())}")
