@@ -283,7 +283,7 @@ def test_manifest_records_config(exported):
     _, _, out = exported("resnet20")
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["ila_weight"] == preset("cifar10").ila_weight
-    assert m["batch"] == {"min": 1, "opt": 32, "max": 256}
+    assert m["batch"] == {"min": 1, "opt": 32, "max": ARCHS["resnet20"][2]}
     assert set(m["tools"]) >= {"torch", "onnx", "onnxscript"}
 
 
