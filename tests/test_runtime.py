@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from benchmarks.runtime_parity import free_running, teacher_forced  # noqa: E402
+from benchmarks.runtime_parity import free_running, summary, teacher_forced  # noqa: E402
 from zeropur_rt.manifest import ArtifactError, load_manifest  # noqa: E402
 from zeropur_rt.purifier import Purifier  # noqa: E402
 
@@ -22,14 +22,10 @@ def pur(art20):
 def test_teacher_forced_gradient_parity_every_step(pur, victim20, cifar):
     rows = teacher_forced(pur, victim20, cifar[0][:16])
     assert len(rows) == 10 + 3 + 50
-    failing = [r for r in rows if not r.ok]
-    print(f"\nteacher-forced on 16 images: {len(rows) - len(failing)}/{len(rows)} graph calls within "
-          f"2x torch-f32 error and 1e-3; max runtime err {max(r.runtime_err for r in rows):.2e}, "
-          f"max torch f32 err {max(r.torch_err for r in rows):.2e}; outside: {failing}")
-    # A ReLU whose pre-activation lies within float32 rounding of 0 flips its mask in one
-    # implementation and not the other; torch f32 itself shows such steps (errors ~1e-3).
-    assert len(failing) <= len(rows) // 10
-    assert all(np.isfinite(r.runtime_err) and r.runtime_err < 1e-2 for r in rows)
+    print(f"\nteacher-forced on 16 images: {summary(rows)}")
+    # Every call meets 2x torch-f32 error and 1e-3, on the whole batch or (ParityRow.ok) on every
+    # sample but isolated ReLU-mask flips, which torch f32 itself shows at other steps.
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
 def test_free_running_agrees_with_reference(pur, victim20, cifar):

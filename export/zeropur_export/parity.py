@@ -9,7 +9,6 @@ Used by tests/test_export.py and benchmarks/export_parity.py.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -65,6 +64,20 @@ class ParityRow:
                     and self.median_ok)
 
 
+def parity_row(model: str, graph: str, output: str, label: str, ort: np.ndarray, t32: np.ndarray,
+               truth: np.ndarray, floor: float = ABS_FLOOR) -> ParityRow:
+    """One output's errors against the float64 truth, whole batch and per sample."""
+    b = np.shape(truth)[0] if np.ndim(truth) >= 1 else 1
+    outl, worst, med_ok = 0, rel_err(ort, truth), True
+    if np.ndim(truth) >= 1 and b > 1:
+        per = np.array([(rel_err(ort[i], truth[i]), rel_err(t32[i], truth[i])) for i in range(b)])
+        outl = int(sum(1 for e_o, e_t in per if not (e_o <= 2 * e_t + floor and e_o <= MAX_ERR)))
+        worst = float(per[:, 0].max())
+        med_o, med_t = np.median(per, axis=0)
+        med_ok = bool(med_o <= 2 * med_t + floor and med_o <= MAX_ERR)
+    return ParityRow(model, graph, output, label, b, rel_err(ort, truth), rel_err(t32, truth), outl, worst, floor, med_ok)
+
+
 def conditioning_floor(victim64: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> float:
     """Float32 floor of gs_grad's relative error: d cos / d e has norm sin(angle)/|e| while a rounding
     of cos by ~eps shifts it by ~eps/|e|, so its relative error is >= ~eps / sin(angle) in ANY float32
@@ -86,11 +99,6 @@ def well_conditioned(victim: Victim, seed: int = 0) -> Victim:
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
     return victim
-
-
-def double_victim(victim: Victim) -> Victim:
-    """A float64 copy (a fresh Victim: the tap hooks of a deep copy would still write into the original)."""
-    return Victim(copy.deepcopy(victim.net), victim.spec, victim.name).double()
 
 
 def rel_err(a: np.ndarray, truth: np.ndarray) -> float:
@@ -155,7 +163,7 @@ def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs, x: torch.T
            seed: int = 0) -> list[ParityRow]:
     """Rows for every graph of the artifact on images ``x`` (float32 NCHW in [0,1])."""
     v32 = victim
-    v64 = double_victim(victim)
+    v64 = victim.to_dtype(torch.float64)
     g = torch.Generator().manual_seed(seed)
     rows: list[ParityRow] = []
     b = x.shape[0]
@@ -168,16 +176,7 @@ def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs, x: torch.T
         o = ort_graphs.run(graph, ort_ins)
         _, outs = graph_io(graph, n_ila)
         for nm, tr, a, bb in zip(outs, truth, t32, o):
-            fl = (floors or {}).get(nm, ABS_FLOOR)
-            outl, worst, med_ok = 0, rel_err(bb, tr), True
-            if np.ndim(tr) >= 1 and np.shape(tr)[0] == b and b > 1:
-                per = np.array([(rel_err(bb[i], tr[i]), rel_err(a[i], tr[i])) for i in range(b)])
-                outl = int(sum(1 for e_o, e_t in per if not (e_o <= 2 * e_t + fl and e_o <= MAX_ERR)))
-                worst = float(per[:, 0].max())
-                med_o, med_t = np.median(per, axis=0)
-                med_ok = bool(med_o <= 2 * med_t + fl and med_o <= MAX_ERR)
-            rows.append(ParityRow(victim.name, graph, nm, what, b, rel_err(bb, tr), rel_err(a, tr), outl, worst, fl,
-                                  med_ok))
+            rows.append(parity_row(victim.name, graph, nm, what, bb, a, tr, (floors or {}).get(nm, ABS_FLOOR)))
         return truth, t32, o
 
     add("classifier", [x], [x.double()], [x])
