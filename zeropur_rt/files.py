@@ -18,6 +18,16 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    try:  # Linux exposes the umask without the set-and-restore race of os.umask
+        umask = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        umask = os.umask(0)
+        os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     path = Path(path)
@@ -26,6 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,6 +68,7 @@ def download_verified(url: str, dest: str | os.PathLike, sha256: str, timeout: f
                 out.write(chunk)
         if h.hexdigest() != sha256:
             raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {h.hexdigest()}; file discarded")
+        os.chmod(tmp, default_mode())
         os.replace(tmp, dest)
         return dest
     finally:

@@ -28,7 +28,7 @@ from zeropur_export import lowering, trt_ops
 from zeropur_export.reference import APConstants, ap_constants, ap_loss, gs_loss
 from zeropur_export.taps import Victim
 from zeropur_rt.config import ZeroPurConfig
-from zeropur_rt.files import atomic_write_json, sha256_file
+from zeropur_rt.files import atomic_write_json, default_mode, sha256_file
 from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, graph_io, load_manifest
 
 DEFAULT_OPSET = 18  # the dynamo exporter emits opset >= 18; TensorRT 10 parses 9..24 (8.6: up to 17)
@@ -236,6 +236,7 @@ def _prepare_destination(out_dir: Path, force: bool) -> Path:
 
 
 def _commit(tmp: Path, out_dir: Path) -> None:
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp made it 0700
     old = None
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
