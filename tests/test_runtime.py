@@ -138,3 +138,15 @@ def test_cli_purify_classify_info(art20, tmp_path, capsys):
     assert "sha256 ok" in capsys.readouterr().out
     assert main(["purify", str(tmp_path), str(src)]) == 2  # not an artifact directory
     assert "not an artifact directory" in capsys.readouterr().err
+    from PIL import Image
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(x[i]).save(folder / f"img{i}.png")
+    assert main(["classify", str(art20), str(folder)]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines() if line.startswith("img")]
+    ref = Purifier.load(art20).classify(x[:2], uint8_nhwc=True)
+    assert [(n, int(p)) for n, p in lines] == [("img0.png", ref[0]), ("img1.png", ref[1])]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "small.png")
+    assert main(["classify", str(art20), str(folder)]) == 2
+    assert "resize it first" in capsys.readouterr().err
