@@ -413,7 +413,7 @@ def paper_config():
 
 
 def run_search(ev: Evaluator, args, log) -> tuple[Record | None, list[str]]:
-    from zeropur_rt.config import ZeroPurConfig, preset
+    from zeropur_rt.config import preset
     n1, n2, n3 = args.stage_n
     sigmas, epss, gss = args.grid_sigma, args.grid_eps, args.grid_gs_steps
     notes = []

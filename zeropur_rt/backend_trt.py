@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from zeropur_rt.kernels.cuda import cu_check, cu_errstr
 from zeropur_rt.manifest import ArtifactError, Manifest
 
 PRECISIONS = ("fp32", "fp16")
@@ -314,20 +315,8 @@ class CudaDevice:
         self.name = (name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(name, (bytes, bytearray)) else str(name))
 
     # -- plumbing
-    def _errstr(self, err: Any) -> str:
-        try:
-            _, s = self.drv.cuGetErrorString(err)
-            return f"{getattr(err, 'name', err)} ({s.decode() if isinstance(s, bytes) else s})"
-        except Exception:
-            return str(err)
-
     def _check(self, result: Any, what: str) -> Any:
-        err = result[0] if isinstance(result, tuple) else result
-        if err != self.drv.CUresult.CUDA_SUCCESS:
-            raise TensorRTError(f"{what} failed: {self._errstr(err)}")
-        if not isinstance(result, tuple) or len(result) == 1:
-            return None
-        return result[1] if len(result) == 2 else result[1:]
+        return cu_check(self.drv, result, what, TensorRTError)
 
     def make_current(self) -> None:
         self._check(self.drv.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
@@ -794,7 +783,7 @@ class TensorRTLoop:
         if err is not None or graph is None:
             if graph is not None:
                 drv.cuGraphDestroy(graph)
-            why = f"{type(err).__name__}: {err}" if err is not None else self.cuda._errstr(res[0])
+            why = f"{type(err).__name__}: {err}" if err is not None else cu_errstr(drv, res[0])
             st.graph_failed = why
             warnings.warn(f"CUDA graph capture of the ZeroPur loop at batch {n} failed ({why}); running it without a "
                           "graph", RuntimeWarning, stacklevel=3)

@@ -10,7 +10,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 from zeropur_rt.data import load_cifar10_test, to_nchw_float
 from zeropur_rt.purifier import STAGES, Purifier

@@ -6,10 +6,8 @@ through the exported graphs; this one is the oracle and the issue-2 cross-check.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-import numpy as np
 import torch
 
 from zeropur_export.attacks import pgd_linf

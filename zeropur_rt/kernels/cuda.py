@@ -25,7 +25,6 @@ values for the updates, ``planes`` = N*C planes of H x W for the blur.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from pathlib import Path
@@ -51,6 +50,25 @@ AP_MAX_BLOCKS = 65535 * 8
 MAX_GRID_X = 0x7FFFFFFF
 KERNEL_NAMES = ("zp_gs_update_kernel", "zp_l1_kernel", "zp_ap_update_kernel", "zp_blur_kernel")
 NVRTC_OPTIONS = ("--fmad=false", "--std=c++11")
+
+
+def cu_errstr(drv: Any, err: Any) -> str:
+    """A CUresult's name and description (best effort)."""
+    try:
+        _, s = drv.cuGetErrorString(err)
+        return f"{getattr(err, 'name', err)} ({s.decode() if isinstance(s, bytes) else s})"
+    except Exception:  # noqa: BLE001
+        return str(err)
+
+
+def cu_check(drv: Any, result: Any, what: str, error: type[Exception]) -> Any:
+    """Unpack a cuda.bindings driver call's (CUresult, values...) tuple, raising ``error`` on failure."""
+    err = result[0] if isinstance(result, tuple) else result
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise error(f"{what} failed: {cu_errstr(drv, err)}")
+    if not isinstance(result, tuple) or len(result) == 1:
+        return None
+    return result[1] if len(result) == 2 else result[1:]
 
 
 class CudaKernelError(RuntimeError):
@@ -306,7 +324,7 @@ class CudaKernels:
             if err == drv.CUresult.CUDA_SUCCESS:
                 self._module, self.image = module, how
                 break
-            errors.append(f"{how}: {self._errstr(err)}")
+            errors.append(f"{how}: {cu_errstr(self._drv, err)}")
         if self._module is None:
             raise CudaKernelError("no usable ZeroPur kernel image for sm_%d%d: %s"
                                   % (*self.compute_capability, "; ".join(errors) or "none found"))
@@ -316,20 +334,8 @@ class CudaKernels:
         self._scratch_n = 0
 
     # -- plumbing
-    def _errstr(self, err: Any) -> str:
-        try:
-            _, s = self._drv.cuGetErrorString(err)
-            return f"{err} ({s.decode() if isinstance(s, bytes) else s})"
-        except Exception:
-            return str(err)
-
     def _check(self, result: Any, what: str) -> Any:
-        err = result[0]
-        if err != self._drv.CUresult.CUDA_SUCCESS:
-            raise CudaKernelError(f"{what} failed: {self._errstr(err)}")
-        if len(result) == 1:
-            return None
-        return result[1] if len(result) == 2 else result[1:]
+        return cu_check(self._drv, result, what, CudaKernelError)
 
     def _make_current(self) -> None:
         cur = self._check(self._drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
