@@ -218,8 +218,10 @@ def run_sweep(args: argparse.Namespace, victim, cfg, art: Path, log: Callable[[s
 
 
 def sweep_markdown(res: dict[str, Any]) -> str:
+    cfg = res["base_config"]
     lines = [f"Steps sweep, {res['model']}, {res['n']} images, ONNX Runtime CPU, {res['threads']} threads; PGD-20 "
-             "8/255 on the bare classifier.", "", "| GS steps | AP steps | s/image | purified clean | purified PGD-20 |",
+             f"8/255 on the bare classifier; step sizes fixed at GS {cfg['gs_step'] * 255:.2g}/255 and AP "
+             f"{cfg['ap_step'] * 255:.2g}/255 (fewer steps = a smaller move).", "", "| GS steps | AP steps | s/image | purified clean | purified PGD-20 |",
              "|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['gs_steps']} | {r['ap_steps']} | {r['s_per_image']:.4f} | {r['purified_clean_acc']:.1f}% | "
