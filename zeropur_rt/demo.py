@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n
     acc = {k: 100.0 * v / n for k, v in correct.items()}
     print(f"\nZeroPur on {args.model}, {n} CIFAR-10 test images, PGD-Linf 8/255 (step 2/255, 20 steps, random start) "
-          f"on the bare classifier; purification by zeropur-rt ({args.backend}, {pur.kernels.__name__ if hasattr(pur.kernels, '__name__') else type(pur.kernels).__name__} kernels)")
+          f"on the bare classifier; purification by zeropur-rt ({args.backend}, "
+          f"{'numpy-twin' if hasattr(pur.kernels, '__name__') else 'host C library'} kernels)")
     print("| input | bare classifier | purified |\n|---|---|---|")
     print(f"| clean | {acc['clean']:.1f}% | {acc['clean_purified']:.1f}% |")
     print(f"| PGD-20 | {acc['pgd']:.1f}% | {acc['pgd_purified']:.1f}% |")
