@@ -86,8 +86,8 @@ class Purifier:
             baked = sorted(set(overrides) & set(BAKED_FIELDS))
             if baked and any(overrides[k] != getattr(cfg, k) for k in baked):
                 raise ValueError(f"{baked} are baked into the exported graphs; re-export with the new values")
-            if "eps" in overrides and "ap_step" not in overrides:
-                overrides = {**overrides, "ap_step": overrides["eps"] / max(1, overrides.get("ap_steps", cfg.ap_steps))}
+            if "eps" in overrides and "ap_step" not in overrides:  # AP's step stays the recipe's fraction of eps
+                overrides = {**overrides, "ap_step": cfg.ap_step * overrides["eps"] / cfg.eps}
             cfg = cfg.replace(**overrides)
         runner = make_runner(backend, d, manifest, device, threads, **backend_kwargs)
         return cls(manifest, runner, _load_kernels(kernels), cfg)
