@@ -171,6 +171,24 @@ def load_model(model: str, weights: str | None):
     return victim, str(wpath), sha256_file(wpath)
 
 
+def _torch_on(device: str, threads: int):
+    """torch, with ``device`` checked; on CUDA, TF32 off so that the search sees float32 as on the CPU."""
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CalibError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CalibError(f"--device {device}: this torch sees no CUDA device")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    elif dev.type != "cpu":
+        raise CalibError(f"--device must be cpu or cuda[:i], got {device!r}")
+    return torch
+
+
 def _check_labels(y: np.ndarray, num_classes: int) -> None:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         raise CalibError(f"labels must be in 0..{num_classes - 1}, got range {int(y.min())}..{int(y.max())}")
@@ -183,12 +201,12 @@ def attacked_images(victim, x, y, rows, weights_sha: str, cache: Path | None, ba
     from zeropur_export.attacks import pgd_linf
     from zeropur_rt.files import atomic_write_bytes
     key = json.dumps(dict(model=victim.name, weights_sha256=weights_sha, rows=list(rows), seed=seed,
-                          **{**ATTACK, "steps": attack_steps}), sort_keys=True)
+                          device=x.device.type, **{**ATTACK, "steps": attack_steps}), sort_keys=True)
     if cache is not None and cache.is_file():
         try:
             with np.load(cache) as z:
                 if str(z["key"]) == key and z["adv"].shape == tuple(x.shape):
-                    return torch.from_numpy(z["adv"]), True
+                    return torch.from_numpy(z["adv"]).to(x.device), True
         except Exception:  # noqa: BLE001 - a bad cache is just recomputed
             pass
     out = []
@@ -201,7 +219,7 @@ def attacked_images(victim, x, y, rows, weights_sha: str, cache: Path | None, ba
     adv = torch.cat(out)
     if cache is not None:
         buf = io.BytesIO()
-        np.savez(buf, adv=adv.numpy(), key=np.array(key))
+        np.savez(buf, adv=adv.cpu().numpy(), key=np.array(key))
         atomic_write_bytes(cache, buf.getvalue())
     return adv, False
 
@@ -209,7 +227,7 @@ def attacked_images(victim, x, y, rows, weights_sha: str, cache: Path | None, ba
 def predict(victim, x, batch: int) -> np.ndarray:
     import torch
     with torch.no_grad():
-        return torch.cat([victim(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).numpy()
+        return torch.cat([victim(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).cpu().numpy()
 
 
 # ---------------------------------------------------------------- the evaluator (shared GS, incremental rows)
@@ -582,6 +600,7 @@ def _calib_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output directory (default runs/calib_<model>)")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device of the search: cpu (default) or cuda[:i]")
     ap.add_argument("--seed", type=int, default=0, help="PGD random-start seed")
     ap.add_argument("--attack-steps", type=int, default=ATTACK["steps"], help=argparse.SUPPRESS)
     ap.add_argument("--stage-n", default="64,192,1000", help="images per stage: GS/AP screens, refinement, final")
@@ -648,18 +667,18 @@ def calibrate(argv: list[str]) -> int:
     out = Path(args.out or f"runs/calib_{args.model}")
     t_start = time.perf_counter()
 
-    import torch
-    torch.set_num_threads(args.threads)
+    torch = _torch_on(args.device, args.threads)
     from zeropur_rt.files import atomic_write_json
     from zeropur_rt.data import to_nchw_float
 
     victim, wpath, wsha = load_model(args.model, args.weights)
+    victim = victim.to(args.device)
     if not victim.spec.supports_ap:
         raise CalibError(f"{args.model} declares no ILA/LPIPS taps; calibrate searches GS+AP recipes")
     xs, ys, data_path = load_labelled(args.data, args.calib)
     _check_labels(ys, victim.spec.num_classes)
-    x = torch.from_numpy(to_nchw_float(xs))
-    y = torch.from_numpy(ys)
+    x = torch.from_numpy(to_nchw_float(xs)).to(args.device)
+    y = torch.from_numpy(ys).to(args.device)
     out.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
@@ -680,7 +699,7 @@ def calibrate(argv: list[str]) -> int:
     rows = _rows_table(ev, recs, chosen, args.max_clean_drop)
     n_all = len(x)
     rep: dict[str, Any] = dict(
-        model=args.model, weights=wpath, weights_sha256=wsha, data=data_path, calib_rows=list(args.calib),
+        model=args.model, weights=wpath, weights_sha256=wsha, data=data_path, calib_rows=list(args.calib), device=args.device,
         n_calib=n_all, max_clean_drop=args.max_clean_drop, min_robust_gain=args.min_robust_gain,
         attack=dict(name="pgd_linf", eps_255=ATTACK["eps"] * 255, step_255=ATTACK["step"] * 255, steps=args.attack_steps,
                     random_start=ATTACK["random_start"], seed=args.seed, target="bare classifier"),
@@ -742,6 +761,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output directory (default runs/eval_<model>)")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda[:i]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attack-steps", type=int, default=ATTACK["steps"], help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -789,17 +809,17 @@ def evaluate(argv: list[str]) -> int:
                                  f"{' of ' + name if cr == crow else ' (the default calibration slice)'}; evaluate on rows "
                                  f"inside {EVAL_ROWS[0]}:{EVAL_ROWS[1]} or pass --force-overlap")
     out = Path(args.out or f"runs/eval_{args.model}")
-    import torch
-    torch.set_num_threads(args.threads)
+    torch = _torch_on(args.device, args.threads)
     from zeropur_export.reference import ReferencePurifier
     from zeropur_rt.data import to_nchw_float
     from zeropur_rt.files import atomic_write_json, atomic_write_text
 
     victim, wpath, wsha = load_model(args.model, args.weights)
+    victim = victim.to(args.device)
     xs, ys, data_path = load_labelled(args.data, rows)
     _check_labels(ys, victim.spec.num_classes)
-    x = torch.from_numpy(to_nchw_float(xs))
-    y = torch.from_numpy(ys)
+    x = torch.from_numpy(to_nchw_float(xs)).to(args.device)
+    y = torch.from_numpy(ys).to(args.device)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     adv, cached = attacked_images(victim, x, y, rows, wsha, out / "pgd_cache.npz", args.batch, args.attack_steps,
@@ -818,7 +838,7 @@ def evaluate(argv: list[str]) -> int:
         for i in range(0, len(x), args.batch):
             for k, src in (("clean", x), ("pgd", adv)):
                 xp = pur.purify(src[i:i + args.batch])
-                ok[k] += int((pur.classify(xp).numpy() == ys[i:i + args.batch]).sum())
+                ok[k] += int((pur.classify(xp).cpu().numpy() == ys[i:i + args.batch]).sum())
                 bar.update(len(xp))
         bar.close()
         secs = time.perf_counter() - t1
@@ -827,7 +847,7 @@ def evaluate(argv: list[str]) -> int:
                  pgd_purified=100 * ok["pgd"] / len(x), purify_seconds=secs, purify_s_per_image=secs / (2 * len(x)))
         results.append(r)
         print(f"  {name}: clean purified {r['clean_purified']:.1f}%, PGD purified {r['pgd_purified']:.1f}% ({secs:.0f} s)", flush=True)
-    rep = dict(model=args.model, weights=wpath, weights_sha256=wsha, data=data_path, rows=list(rows), n=len(x),
+    rep = dict(model=args.model, weights=wpath, weights_sha256=wsha, data=data_path, rows=list(rows), n=len(x), device=args.device,
                attack=dict(name="pgd_linf", eps_255=8, step_255=2, steps=args.attack_steps, random_start=True, seed=args.seed,
                            target="bare classifier"),
                attack_seconds=t_attack, results=results)

@@ -3,13 +3,14 @@
     python -m benchmarks.gpu_check [--out runs/gpu_check] [--models resnet20 resnet56] [--batches 1 256]
 
 1. CUDA kernels == host twin, bit for bit (pytest tests/gpu/test_cuda_kernels.py).
-2. torch-CUDA gradients + our CUDA kernels, full loop on the device (torch's stream, device pointers)
-   against the Purifier's torch backend on CUDA with the host kernels.
+2. torch-CUDA gradients + our CUDA kernels, the full loop on the device (``TorchCudaLoop``):
+   pytest tests/gpu/test_torch_cuda_loop.py; eager vs CUDA graph bit for bit and vs the host-kernel
+   loop on 64 images; vs the torch reference on ``--parity-n`` real images, clean and PGD-20.
 3. TensorRT, if importable: pytest tests/gpu/test_tensorrt.py (engine builds, FP32 parity, Purifier
    vs torch reference, device loop, CUDA graph replay bit for bit).
 4. Latency per (model, batch): the released-code-cost torch reference (``ap_mode="recompute"``) on
-   this GPU, the lean torch reference, torch-CUDA + our kernels, and on TensorRT the host loop and
-   the device loop with a CUDA graph -- all in this run, on this GPU.
+   this GPU, the lean torch reference, torch-CUDA + our kernels (eager and CUDA graph), and on
+   TensorRT the host loop and the device loop with a CUDA graph -- all in this run, on this GPU.
 
 Without a GPU it prints why and exits 0 (the report says ``skipped``).
 """
@@ -57,59 +58,70 @@ def _timeit(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> dict[
     return {"median_s": float(np.median(ts)), "min_s": float(np.min(ts)), "reps": reps}
 
 
-def torch_kernels_loop(victim: Any, cfg: Any, x: np.ndarray, kernels: Any) -> Any:
-    """ZeroPur on the GPU: torch gradients (the reference's losses) + our CUDA kernels on torch's stream."""
+def _fp32(deterministic: bool) -> None:
+    """float32 as on the CPU (no TF32); deterministic cuDNN for bit-level checks, autotuned for latency."""
     import torch
-
-    from zeropur_export import reference as ref
-    from zeropur_rt.blur import box_blur_weights
-
-    dev = victim.mean.device
-    stream = torch.cuda.current_stream(dev).cuda_stream
-    x_in = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
-    n, c, h, w = x_in.shape
-    p = c * h * w
-    xc, m, xb = x_in.clone(), torch.zeros_like(x_in), torch.empty_like(x_in)
-    l1 = torch.empty(n, device=dev)
-    bw = box_blur_weights(cfg.blur_sigma)
-    for _ in range(cfg.gs_steps):
-        kernels.blur(xc.data_ptr(), xb.data_ptr(), n * c, h, w, bw, stream=stream)
-        g = ref.input_grad(lambda v: ref.gs_loss(victim, v, xb), xc)[0].contiguous()
-        kernels.gs_update(xc.data_ptr(), g.data_ptr(), m.data_ptr(), x_in.data_ptr(), n, p, eps=cfg.eps,
-                          step=cfg.gs_step, decay=cfg.momentum, l1_scope=cfg.l1_scope, stream=stream,
-                          l1_scratch=l1.data_ptr())
-    if cfg.ap_steps == 0:
-        return xc
-    with torch.no_grad():
-        consts = ref.ap_constants(victim, x_in, xc, cfg)
-    fine = x_in.clone()
-    for _ in range(cfg.ap_steps):
-        g = ref.input_grad(lambda f: ref.ap_loss(victim, f, consts, cfg), fine)[0].contiguous()
-        kernels.ap_update(fine.data_ptr(), g.data_ptr(), x_in.data_ptr(), n, p, eps=cfg.eps, step=cfg.ap_step,
-                          stream=stream)
-    return fine
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, not deterministic
 
 
-def check_torch_kernels(art: Path, victim: Any, x: np.ndarray) -> dict[str, Any]:
-    import torch
-
-    from zeropur_rt.kernels.cuda import CudaKernels
+def check_device_loop(art: Path, x: np.ndarray) -> dict[str, Any]:
+    """torch-CUDA + our kernels: eager vs CUDA graph (bit for bit), and vs the host-kernel loop on the same GPU."""
+    from zeropur_rt.backend_torch_cuda import TorchCudaLoop
     from zeropur_rt.purifier import Purifier
 
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    pur = Purifier.load(art, backend="torch", device="cuda", victim=victim)
-    k = CudaKernels()  # the context torch made current (the primary one)
-    try:
-        dev_out = torch_kernels_loop(pur.runner.victim, pur.cfg, x, k)
-        torch.cuda.synchronize()
-        dev_out = dev_out.cpu().numpy()
-        host_out = pur.purify(x)
-        p_dev, p_host = pur.logits(dev_out).argmax(1), pur.logits(host_out).argmax(1)
-    finally:
-        k.close()
+    _fp32(deterministic=True)
+    pur = Purifier.load(art, backend="torch", device="cuda")
+    with TorchCudaLoop(pur, cuda_graph=False) as eager, TorchCudaLoop(pur, cuda_graph=True) as graphed:
+        out_eager = eager.purify(x)
+        out_graph, p_dev = graphed.purify_and_classify(x)
+        out_graph2 = graphed.purify(x)
+    out_host, p_host = pur.purify_and_classify(x)
     same_pred = float(np.mean(p_dev == p_host))
-    return {"n": len(x), "same_prediction": same_pred, "same_pixels": float(np.mean(dev_out == host_out)),
-            "max_abs_diff": float(np.max(np.abs(dev_out - host_out))), "ok": same_pred >= 1 - 1 / 64}
+    graph_bits = bool(np.array_equal(out_eager.view(np.uint32), out_graph.view(np.uint32))
+                      and np.array_equal(out_graph.view(np.uint32), out_graph2.view(np.uint32)))
+    return {"n": len(x), "graph_equals_eager_bits": graph_bits, "same_prediction_vs_host_kernels": same_pred,
+            "same_pixels_vs_host_kernels": float(np.mean(out_graph == out_host)),
+            "max_abs_diff_vs_host_kernels": float(np.max(np.abs(out_graph - out_host))),
+            "ok": graph_bits and same_pred >= 1 - 1 / 64}
+
+
+def check_reference_parity(model: str, art: Path, x: np.ndarray, y: np.ndarray, batch: int = 250) -> dict[str, Any]:
+    """The device loop (CUDA graph) vs the torch reference (lean, eager) on real images, clean and PGD-20."""
+    import torch
+
+    from zeropur_export.attacks import pgd_linf
+    from zeropur_export.reference import ReferencePurifier
+    from zeropur_rt.backend_torch_cuda import TorchCudaLoop
+    from zeropur_rt.purifier import Purifier
+
+    _fp32(deterministic=True)
+    pur = Purifier.load(art, backend="torch", device="cuda")
+    victim = pur.runner.victim
+    ref = ReferencePurifier(victim, pur.cfg, ap_mode="lean")
+    res: dict[str, Any] = {"n": len(x), "attack": "PGD-Linf 8/255, step 2/255, 20 steps, random start, seed 0"}
+    t0 = time.perf_counter()
+    with TorchCudaLoop(pur, cuda_graph=True) as loop:
+        for kind in ("clean", "pgd"):
+            p_ref, p_rt, p_bare = [], [], []
+            for i in range(0, len(x), batch):
+                xt = torch.from_numpy(x[i:i + batch]).cuda()
+                yt = torch.from_numpy(y[i:i + batch]).cuda()
+                if kind == "pgd":
+                    xt = pgd_linf(victim, xt, yt, seed=i)
+                with torch.no_grad():
+                    p_bare.append(victim(xt).argmax(1).cpu().numpy())
+                    p_ref.append(victim(ref.purify(xt)).argmax(1).cpu().numpy())
+                p_rt.append(loop.purify_and_classify(xt)[1].cpu().numpy())
+            a_ref, a_rt, a_bare = np.concatenate(p_ref), np.concatenate(p_rt), np.concatenate(p_bare)
+            res[kind] = {"accuracy_bare": 100 * float(np.mean(a_bare == y)),
+                         "accuracy_reference": 100 * float(np.mean(a_ref == y)),
+                         "accuracy_device_loop": 100 * float(np.mean(a_rt == y)),
+                         "same_prediction": 100 * float(np.mean(a_ref == a_rt))}
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["ok"] = min(res["clean"]["same_prediction"], res["pgd"]["same_prediction"]) >= 98.0
+    return res
 
 
 def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps: dict[int, int],
@@ -117,15 +129,13 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
     import torch
 
     from zeropur_export.reference import ReferencePurifier
-    from zeropur_export.zoo import load_victim
-    from zeropur_rt.kernels.cuda import CudaKernels
+    from zeropur_rt.backend_torch_cuda import TorchCudaLoop
     from zeropur_rt.purifier import Purifier
 
-    torch.backends.cudnn.benchmark = True
-    victim = load_victim(model).cuda()
-    pur_t = Purifier.load(art, backend="torch", device="cuda", victim=victim)
-    cfg = pur_t.cfg
-    k = CudaKernels()
+    _fp32(deterministic=False)
+    pur_t = Purifier.load(art, backend="torch", device="cuda")
+    victim, cfg = pur_t.runner.victim, pur_t.cfg
+    eager, graphed = TorchCudaLoop(pur_t, cuda_graph=False), TorchCudaLoop(pur_t, cuda_graph=True)
     sync = torch.cuda.synchronize
     rows = []
     trt_pur = trt_loop = None
@@ -133,20 +143,23 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
         from zeropur_rt.backend_trt import TensorRTLoop
         trt_pur = Purifier.load(art, backend="tensorrt", device="cuda")
         trt_loop = TensorRTLoop(trt_pur, cuda_graph=True)
+    released = ReferencePurifier(victim, cfg, ap_mode="recompute")
+    lean = ReferencePurifier(victim, cfg, ap_mode="lean")
     for b in batches:
         x = x_all[np.arange(b) % len(x_all)]
         xt = torch.from_numpy(x).cuda()
         r = reps.get(b, 3)
         row: dict[str, Any] = {"model": model, "batch": b}
-        released = ReferencePurifier(victim, cfg, ap_mode="recompute")
-        lean = ReferencePurifier(victim, cfg, ap_mode="lean")
-        row["torch_released_code_cost"] = _timeit(lambda: released.purify(xt), sync, r)
-        row["torch_lean"] = _timeit(lambda: lean.purify(xt), sync, r)
-        row["torch_cuda_plus_our_kernels"] = _timeit(lambda: torch_kernels_loop(victim, cfg, x, k), sync, r)
+        variants: list[tuple[str, Callable[[], Any]]] = [
+            ("torch_released_code_cost", lambda: released.purify(xt)), ("torch_lean", lambda: lean.purify(xt)),
+            ("torch_cuda_plus_our_kernels", lambda: eager.purify(xt)),
+            ("torch_cuda_plus_our_kernels_cuda_graph", lambda: graphed.purify(xt))]
         if trt_pur is not None:
-            row["tensorrt_host_loop"] = _timeit(lambda: trt_pur.purify(x), sync, r)
-            row["tensorrt_device_loop_cuda_graph"] = _timeit(lambda: trt_loop.purify(x), sync, r)
-        base = row["torch_released_code_cost"]["median_s"]
+            variants += [("tensorrt_host_loop", lambda: trt_pur.purify(x)),
+                         ("tensorrt_device_loop_cuda_graph", lambda: trt_loop.purify(x))]
+        for name, fn in variants:
+            row[name] = _guarded(lambda: _timeit(fn, sync, r))  # a failing variant does not cost the others
+        base = row["torch_released_code_cost"].get("median_s", float("nan"))
         row["speedup_vs_released"] = {kk: base / v["median_s"] for kk, v in row.items()
                                       if isinstance(v, dict) and "median_s" in v}
         rows.append(row)
@@ -155,7 +168,8 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
     if trt_loop is not None:
         trt_loop.close()
         trt_pur.runner.close()
-    k.close()
+    eager.close()
+    graphed.close()
     return rows
 
 
@@ -173,15 +187,18 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             detail = c.get("summary") or ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("ok",))
             lines.append(f"| {name} | {c.get('ok')} | {detail} |")
     if report.get("latency"):
-        keys = ["torch_released_code_cost", "torch_lean", "torch_cuda_plus_our_kernels", "tensorrt_host_loop",
-                "tensorrt_device_loop_cuda_graph"]
+        keys = ["torch_released_code_cost", "torch_lean", "torch_cuda_plus_our_kernels",
+                "torch_cuda_plus_our_kernels_cuda_graph", "tensorrt_host_loop", "tensorrt_device_loop_cuda_graph"]
         lines += ["", "## Latency (median ms per call; speed-up vs the released-code-cost torch reference)", "",
                   "| model | batch | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
         for row in report["latency"]:
             cells = []
             for k in keys:
                 v = row.get(k)
-                cells.append("-" if v is None else f"{v['median_s'] * 1e3:.1f} ({row['speedup_vs_released'][k]:.1f}x)")
+                if v is None or "median_s" not in v:
+                    cells.append("-" if v is None else "failed")
+                else:
+                    cells.append(f"{v['median_s'] * 1e3:.1f} ({row['speedup_vs_released'][k]:.1f}x)")
             lines.append(f"| {row['model']} | {row['batch']} | " + " | ".join(cells) + " |")
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
@@ -196,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps-small", type=int, default=10, help="timed repetitions at batch < 64")
     ap.add_argument("--reps-large", type=int, default=3, help="timed repetitions at batch >= 64")
     ap.add_argument("--skip-tests", action="store_true", help="latency only")
+    ap.add_argument("--parity-n", type=int, default=1000, help="real test images for the device-loop vs reference parity")
     ap.add_argument("--test-timeout", type=int, default=900)
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -226,44 +244,71 @@ def main(argv: list[str] | None = None) -> int:
     k.close()
     if torch_cuda:
         device = f"{torch.cuda.get_device_name(0)} ({device})"
-    report: dict[str, Any] = {"status": "ran", "device": device, "versions": versions, "checks": {}, "latency": []}
+    report: dict[str, Any] = {"status": "ran", "device": device, "versions": versions, "checks": {}, "latency": [],
+                              "notes": "float32 throughout (TF32 off); cuDNN deterministic for the checks, "
+                                       "autotuned (benchmark mode) for the latency rows"}
+    out.mkdir(parents=True, exist_ok=True)
+    art_root = Path(args.artifacts)
     if not args.skip_tests:
-        print("1. CUDA kernels vs host twin ...", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
+        print("1. CUDA kernels vs host twin; torch-CUDA device loop ...", flush=True)
         report["checks"]["cuda_kernels_bit_exact"] = _pytest("tests/gpu/test_cuda_kernels.py", out, args.test_timeout)
+        if torch_cuda and (art_root / "resnet20" / "manifest.json").is_file():
+            os.environ.setdefault("ZEROPUR_TEST_ART20", str(art_root / "resnet20"))
+        report["checks"]["torch_cuda_loop_tests"] = _pytest("tests/gpu/test_torch_cuda_loop.py", out, args.test_timeout)
         if have_trt:
             print("3. TensorRT tests ...", flush=True)
             report["checks"]["tensorrt"] = _pytest("tests/gpu/test_tensorrt.py", out, args.test_timeout)
         else:
             report["checks"]["tensorrt"] = {"ok": None, "summary": "skipped: tensorrt not importable"}
+        write_report(out, report)
     from zeropur_export.build import ensure_artifacts
     from zeropur_rt.data import load_cifar10_test, to_nchw_float
     try:
-        xs, _ = load_cifar10_test(stop=256)
-        x_all = to_nchw_float(xs)
-    except Exception as e:  # noqa: BLE001 - no shared data: random images
+        xs, ys = load_cifar10_test(stop=max(256, args.parity_n))
+        x_all, y_all = to_nchw_float(xs), ys
+    except Exception as e:  # noqa: BLE001 - no shared data: random images, no parity on real images
         print(f"CIFAR-10 test data not found ({e}); random images", file=sys.stderr)
-        x_all = np.random.default_rng(0).random((256, 3, 32, 32), dtype=np.float32)
+        x_all, y_all = np.random.default_rng(0).random((256, 3, 32, 32), dtype=np.float32), None
     for model in args.models:
         try:
-            art = ensure_artifacts(model, Path(args.artifacts) / model)
+            art = ensure_artifacts(model, art_root / model)
+            if have_trt:
+                from zeropur_export.engines import build_engines
+                build_engines(art, precision="fp32")
         except Exception as e:  # noqa: BLE001 - e.g. weights missing
             report["checks"][f"{model}_artifacts"] = {"ok": False, "summary": f"{type(e).__name__}: {e}"}
             continue
-        if have_trt:
-            from zeropur_export.engines import build_engines
-            build_engines(art, precision="fp32")
+        steps: list[tuple[str, Callable[[], Any]]] = []
         if torch_cuda and not args.skip_tests:
-            print(f"2. torch-CUDA + our kernels, {model} ...", flush=True)
-            from zeropur_export.zoo import load_victim
-            report["checks"][f"torch_cuda_plus_kernels_{model}"] = check_torch_kernels(art, load_victim(model), x_all[:64])
+            steps.append((f"device_loop_{model}", lambda: check_device_loop(art, x_all[:64])))
+            if y_all is not None and args.parity_n > 0:
+                steps.append((f"reference_parity_{model}",
+                              lambda: check_reference_parity(model, art, x_all[:args.parity_n], y_all[:args.parity_n])))
+        for name, fn in steps:
+            print(f"2. {name} ...", flush=True)
+            report["checks"][name] = _guarded(fn)
+            print(f"   {report['checks'][name]}", flush=True)
+            write_report(out, report)
         if torch_cuda:
             print(f"4. latency {model} ...", flush=True)
             reps = {b: (args.reps_small if b < 64 else args.reps_large) for b in args.batches}
-            report["latency"] += bench_model(model, art, args.batches, have_trt, reps, x_all)
+            try:
+                report["latency"] += bench_model(model, art, args.batches, have_trt, reps, x_all)
+            except Exception as e:  # noqa: BLE001 - keep the other model's rows
+                report["checks"][f"latency_{model}"] = {"ok": False, "summary": f"{type(e).__name__}: {e}"}
+            write_report(out, report)
     report["ok"] = all(c.get("ok") is not False for c in report["checks"].values())
     write_report(out, report)
     return 0 if report["ok"] else 1
+
+
+def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one check; an exception becomes a failed check with its message (the others still run)."""
+    import traceback
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        return {"ok": False, "summary": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,20 @@ def rel_err(a, b) -> float:
 
 @pytest.fixture(scope="session")
 def art20(tmp_path_factory, victim20):
-    """ResNet-20 (real weights, paper recipe) exported once per test session."""
+    """ResNet-20 (real weights, paper recipe) exported once per test session.
+
+    ``$ZEROPUR_TEST_ART20`` names an already exported ResNet-20 directory instead (a GPU box
+    whose torch build is not the one the exporter is tested with); its manifest is verified.
+    """
+    import os
+    if os.environ.get("ZEROPUR_TEST_ART20"):
+        from pathlib import Path
+
+        from zeropur_rt.manifest import load_manifest
+        d = Path(os.environ["ZEROPUR_TEST_ART20"])
+        if load_manifest(d).model != "resnet20":
+            raise ValueError(f"$ZEROPUR_TEST_ART20={d} is not a resnet20 artifact directory")
+        return d
     from zeropur_export.onnx_export import export_artifacts
     from zeropur_export.weights import find_weights
     from zeropur_rt.config import preset
