@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from zeropur_rt.kernels.cuda import cu_check, cu_errstr
+from zeropur_rt.kernels.cuda import cu_check, cu_errstr, release_primary_context
 from zeropur_rt.manifest import ArtifactError, Manifest
 
 PRECISIONS = ("fp32", "fp16")
@@ -373,7 +373,7 @@ class CudaDevice:
 
     def close(self) -> None:
         if getattr(self, "_retained", False):
-            self.drv.cuDevicePrimaryCtxRelease(self.dev)
+            release_primary_context(self.drv, self.dev, self.ctx)
             self._retained = False
 
 

@@ -198,3 +198,16 @@ def test_pycuda_binding(host):
         dev.free()
         pk.close()
         ck.close()
+
+
+def test_new_kernels_after_last_release(host):
+    """Closing the only holder of the primary context destroys it; the next CudaKernels must not reuse it."""
+    x = np.random.default_rng(5).random((2, 3, 32, 32), dtype=F32)
+    for _ in range(2):
+        k = zc.CudaKernels()
+        dev = Dev(k)
+        dx, dout = dev.put(x), dev.put(np.zeros_like(x))
+        k.blur(dx, dout, 6, 32, 32, 1.8, stream=dev.stream)
+        assert_bits_equal(dev.get(dout, x), host.blur(x, 1.8), "blur after a release")
+        dev.free()
+        k.close()

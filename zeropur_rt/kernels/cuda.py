@@ -75,6 +75,29 @@ class CudaKernelError(RuntimeError):
     pass
 
 
+def usable_current_context(drv: Any) -> Any:
+    """The thread's current context, or None when there is none or it was destroyed.
+
+    A primary context destroyed by its last cuDevicePrimaryCtxRelease stays current on the
+    thread; cuCtxGetDevice still answers for it, calls that need the context fail with
+    CUDA_ERROR_CONTEXT_IS_DESTROYED (seen on an H100, driver 580).
+    """
+    err, cur = drv.cuCtxGetCurrent()
+    if err != drv.CUresult.CUDA_SUCCESS or cur is None or int(cur) == 0:
+        return None
+    return cur if drv.cuMemGetInfo()[0] == drv.CUresult.CUDA_SUCCESS else None
+
+
+def release_primary_context(drv: Any, dev: Any, ctx: Any) -> None:
+    """Release a retained primary context; if that destroyed it, do not leave it current on this thread."""
+    drv.cuDevicePrimaryCtxRelease(dev)
+    err, _flags, active = drv.cuDevicePrimaryCtxGetState(dev)
+    if err == drv.CUresult.CUDA_SUCCESS and not active:
+        err, cur = drv.cuCtxGetCurrent()
+        if err == drv.CUresult.CUDA_SUCCESS and cur is not None and int(cur) == int(ctx):
+            drv.cuCtxSetCurrent(drv.CUcontext(0))
+
+
 # ------------------------------------------------------------------ sources
 
 
@@ -298,8 +321,8 @@ class CudaKernels:
         self._drv = drv
         self._check(drv.cuInit(0), "cuInit")
         self._retained = None
-        cur = self._check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if cur is not None and int(cur) != 0:
+        cur = usable_current_context(drv)
+        if cur is not None:
             self._ctx = cur
             self._dev = self._check(drv.cuCtxGetDevice(), "cuCtxGetDevice")
         else:
@@ -376,7 +399,7 @@ class CudaKernels:
             self._drv.cuModuleUnload(self._module)
             self._module = None
         if getattr(self, "_retained", None) is not None:
-            self._drv.cuDevicePrimaryCtxRelease(self._retained)
+            release_primary_context(self._drv, self._retained, self._ctx)
             self._retained = None
 
     # -- kernels (device pointers as ints; sizes validated)
