@@ -100,7 +100,8 @@ def check_reference_parity(model: str, art: Path, x: np.ndarray, y: np.ndarray, 
     pur = Purifier.load(art, backend="torch", device="cuda")
     victim = pur.runner.victim
     ref = ReferencePurifier(victim, pur.cfg, ap_mode="lean")
-    res: dict[str, Any] = {"n": len(x), "attack": "PGD-Linf 8/255, step 2/255, 20 steps, random start, seed 0"}
+    res: dict[str, Any] = {"n": len(x),
+                           "attack": "PGD-Linf 8/255, step 2/255, 20 steps, random start (seed: the batch offset)"}
     t0 = time.perf_counter()
     with TorchCudaLoop(pur, cuda_graph=True) as loop:
         for kind in ("clean", "pgd"):

@@ -72,13 +72,20 @@ def free_running(pur: Purifier, victim: Victim, x: np.ndarray, y: np.ndarray, ba
     ref = ReferencePurifier(victim, pur.cfg)
     same_pred = same_px = acc_rt = acc_ref = 0.0
     secs = dict(runtime=0.0, reference=0.0)
+    margins: list[float] = []  # the reference's top-1 minus top-2 logit where the two disagree
+    all_margins: list[float] = []
     for i in range(0, len(x), batch):
         xb = x[i:i + batch]
         t0 = time.perf_counter()
         xo, po = pur.purify_and_classify(xb)
         t1 = time.perf_counter()
         xr = ref.purify(torch.from_numpy(xb))
-        pr = ref.classify(xr).numpy()
+        with torch.no_grad():
+            logits = victim(xr).numpy()
+        pr = logits.argmax(1)
+        top2 = np.sort(logits, axis=1)[:, -2:]
+        margins += [float(m) for m in (top2[:, 1] - top2[:, 0])[po != pr]]
+        all_margins += [float(m) for m in top2[:, 1] - top2[:, 0]]
         secs["runtime"] += t1 - t0
         secs["reference"] += time.perf_counter() - t1
         same_pred += float((po == pr).sum())
@@ -87,7 +94,8 @@ def free_running(pur: Purifier, victim: Victim, x: np.ndarray, y: np.ndarray, ba
         acc_ref += float((pr == y[i:i + batch]).sum())
     n = len(x)
     return dict(n=n, same_prediction=same_pred / n, same_pixels=same_px / x.size,
-                acc_runtime=100 * acc_rt / n, acc_reference=100 * acc_ref / n, seconds=secs)
+                acc_runtime=100 * acc_rt / n, acc_reference=100 * acc_ref / n, seconds=secs,
+                disagreeing_margins=sorted(margins), median_margin=float(np.median(all_margins)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model} {label}: n={r['n']} same prediction {100 * r['same_prediction']:.1f}%, same pixels "
                   f"{100 * r['same_pixels']:.2f}%, purified acc runtime {r['acc_runtime']:.1f}% vs reference "
                   f"{r['acc_reference']:.1f}% ({r['seconds']['runtime']:.1f} s vs {r['seconds']['reference']:.1f} s)")
+            if r["disagreeing_margins"]:
+                print("  reference's top-1 minus top-2 logit on the disagreeing images: "
+                      + ", ".join(f"{m:.3f}" for m in r["disagreeing_margins"]) + f" (median over all: {r['median_margin']:.3f})")
     return 0
 
 

@@ -150,3 +150,16 @@ def test_cli_purify_classify_info(art20, tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "small.png")
     assert main(["classify", str(art20), str(folder)]) == 2
     assert "resize it first" in capsys.readouterr().err
+
+
+def test_cli_gpu_backend_without_gpu_is_a_clear_error(art20, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/gpu runs the device loop")
+    from zeropur_rt.cli import main
+    from zeropur_rt.data import load_cifar10_test
+    x, y = load_cifar10_test(stop=2)
+    src = tmp_path / "in.npz"
+    np.savez(src, x=x, y=y)
+    assert main(["purify", str(art20), str(src), "--backend", "torch", "--device", "cuda"]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err

@@ -73,6 +73,9 @@ class TorchRunner:
             from zeropur_export.zoo import load_victim
         except ImportError as e:
             raise ImportError("backend 'torch' needs torch and the export extra: pip install 'zeropur-rt[export]'") from e
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"backend 'torch' on device {device!r} needs a GPU and a CUDA build of torch; this torch "
+                             f"({torch.__version__}) sees no CUDA device: use device='cpu'")
         if threads:
             torch.set_num_threads(threads)
         if victim is None:

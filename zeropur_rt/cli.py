@@ -24,6 +24,22 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", default="auto", choices=["auto", "host", "numpy"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images per call (default: the artifact's opt batch)")
+    p.add_argument("--host-loop", action="store_true",
+                   help="on a GPU, run the loop from the host (gradients copied back every step) instead of on the device")
+    p.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, launch the device loop eagerly (no CUDA graph)")
+
+
+def _device_loop(pur, args: argparse.Namespace):
+    """The device-resident loop for GPU backends (CUDA kernels on the engine's stream), else None."""
+    if args.host_loop or not str(args.device).startswith("cuda"):
+        return None
+    if args.backend == "torch":
+        from zeropur_rt.backend_torch_cuda import TorchCudaLoop
+        return TorchCudaLoop(pur, cuda_graph=not args.no_cuda_graph)
+    if args.backend == "tensorrt":
+        from zeropur_rt.backend_trt import TensorRTLoop
+        return TensorRTLoop(pur, cuda_graph=not args.no_cuda_graph)
+    return None
 
 
 def _batches(n: int, size: int):
@@ -39,18 +55,22 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
     x, y, names = read_images(args.input, tuple(pur.chw[1:]))
     size = args.batch or int(pur.manifest.batch.get("opt", pur.max_batch))
     size = min(size, pur.max_batch)
+    loop = _device_loop(pur, args) if purify else None
     outs, preds = [], []
     t0 = time.perf_counter()
     for sl in _progress(list(_batches(len(x), size)), "purify" if purify else "classify"):
         if purify:
-            xo, p = pur.purify_and_classify(x[sl])
+            xo, p = (loop or pur).purify_and_classify(x[sl])
             outs.append(xo)
         else:
             p = pur.classify(x[sl])
         preds.append(p)
     secs = time.perf_counter() - t0
+    if loop is not None:
+        loop.close()
     pred = np.concatenate(preds)
-    print(f"{len(x)} images, {secs:.2f} s ({secs / len(x):.4f} s/image) on {args.backend}")
+    where = f"{args.backend} on {args.device}" + (" (device loop)" if loop is not None else "")
+    print(f"{len(x)} images, {secs:.2f} s ({secs / len(x):.4f} s/image), {where}")
     if y is not None:
         print(f"accuracy: {100 * float((pred == y).mean()):.2f}%")
     if args.out:
