@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zeropur_export.parity import ParityRow, parity_row
+from zeropur_export.parity import ParityRow, conditioning_floor, parity_row
 from zeropur_export.reference import ReferencePurifier, Trace, blur_torch
 from zeropur_export.taps import Victim
 from zeropur_rt.purifier import Purifier
@@ -38,7 +38,8 @@ def teacher_forced(pur: Purifier, victim: Victim, x_in: np.ndarray) -> list[Pari
         truth = ref64.gs_grad(x.double(), xb.double())[0]
         g32 = ref32.gs_grad(x, xb)[0]
         go = run("gs_grad", {"x": x.numpy(), "x_blur": xb.numpy()})[0]
-        rows.append(parity_row(victim.name, "gs_grad", "grad", f"step {t}", go, g32.numpy(), truth.numpy()))
+        floor = conditioning_floor(ref64.victim, x, xb)  # the export parity's rule for this gradient
+        rows.append(parity_row(victim.name, "gs_grad", "grad", f"step {t}", go, g32.numpy(), truth.numpy(), floor))
     if cfg.ap_steps == 0:
         return rows
     coarse = trace.coarse

@@ -34,6 +34,8 @@ class _BatchState:
 
 
 class TorchCudaLoop:
+    """The ZeroPur loop of a torch-on-CUDA Purifier, run on the device (see the module docstring)."""
+
     def __init__(self, purifier: Any, *, cuda_graph: bool = True, kernels: Any = None):
         from zeropur_rt.backends import TorchRunner
 
