@@ -7,6 +7,7 @@ exactly these functions into the gradient graphs. The loop runs the lean formula
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -52,7 +53,34 @@ def gs_loss(victim: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> torch.Tens
     e = victim.embed(x)
     with torch.no_grad():
         eb = victim.embed(x_blur)
-    return -F.cosine_similarity(e, eb, dim=1).mean()
+    return -cosine(e, eb).mean()
+
+
+def blocked_sum(v: torch.Tensor) -> torch.Tensor:
+    """Row sums of a (B, D) tensor as sums of k-term sums, k ~ sqrt(D) (zero-padded to a multiple of k).
+
+    A backend may reduce sequentially (ONNX Runtime's ReduceSum does): float32 error ~ D eps,
+    1e-6 relative on a 2048-d embedding, where torch's cascade sum is at 1e-7. Two short
+    reductions bound every backend near sqrt(D) eps, whatever order its ReduceSum uses.
+    """
+    d = v.shape[1]
+    k = 1 << max(0, math.ceil(math.log2(math.ceil(math.sqrt(d)))))
+    if d <= k:
+        return v.sum(1)
+    pad = -d % k
+    if pad:
+        v = F.pad(v, (0, pad))
+    return v.unflatten(1, ((d + pad) // k, k)).sum(2).sum(1)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine of (B, D) tensors, as F.cosine_similarity (unit vectors first, norms floored
+    at 1e-8, where the gradient is 0, not NaN) but with blocked sums: its float32 error enters the
+    GS gradient amplified by 1/sin(angle), since d cos/d a is a difference of two nearly parallel
+    vectors."""
+    ua = a / torch.sqrt(torch.clamp_min(blocked_sum(a * a), 1e-16)).unsqueeze(1)
+    ub = b / torch.sqrt(torch.clamp_min(blocked_sum(b * b), 1e-16)).unsqueeze(1)
+    return blocked_sum(ua * ub)
 
 
 def safe_norm(v: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False, floor_sq: float = _TINY) -> torch.Tensor:
