@@ -5,7 +5,8 @@
     python benchmarks/export_parity.py --artifacts DIR ...   # reuse/keep exports in DIR/<model>
 
 Error = ||a - truth|| / ||truth||, truth = the reference in float64. A row passes when the ORT
-error is <= 2x the torch float32 error + 1e-7 and <= 1e-3. Real weights for resnet20/56 (from
+error is <= 2x the torch float32 error + a float32 floor and <= 1e-3 (``ParityRow.ok``); batch 1
+is 8 single-image calls judged together. Real weights for resnet20/56 (from
 the shared folder), seeded random weights otherwise; CIFAR-10 test images where available.
 """
 from __future__ import annotations
@@ -63,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: exported in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         og = OrtGraphs(out, threads=args.threads)
         for b in (1, 32):  # the acceptance's sizes, for every architecture (ResNet-50 at 32: ~2 min)
-            x = torch.rand((b, *v.spec.input_shape), generator=torch.Generator().manual_seed(100 + b))
-            rows += parity(v, cfg, og, x, "random", seed=b)
+            n = max(8, b)  # batch 1 as 8 single-image calls: one image alone is luck (see ParityRow.ok)
+            x = torch.rand((n, *v.spec.input_shape), generator=torch.Generator().manual_seed(100 + b))
+            rows += parity(v, cfg, og, x, "random", seed=b, graph_batch=b)
             if cifar is not None and v.spec.input_shape == (3, 32, 32):
-                rows += parity(v, cfg, og, torch.from_numpy(cifar[:b]), "cifar10", seed=b)
+                rows += parity(v, cfg, og, torch.from_numpy(cifar[:n]), "cifar10", seed=b, graph_batch=b)
     print(format_table(rows))
     return 0 if all(r.ok for r in rows) else 1
 

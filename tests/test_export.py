@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 
 from zeropur_export import cli, onnx_export, trt_ops  # noqa: E402
 from zeropur_export.onnx_export import BatchRange, export_artifacts  # noqa: E402
-from zeropur_export.parity import MAX_ERR, OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
+from zeropur_export.parity import OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
 from zeropur_export.taps import TapSpec, make_victim  # noqa: E402
 from zeropur_export.zoo import ZOO, CifarResNet, load_victim  # noqa: E402
 from zeropur_export.weights import find_weights  # noqa: E402
@@ -26,7 +26,7 @@ from zeropur_rt.manifest import ArtifactError, graph_io, load_manifest  # noqa: 
 
 torch.set_num_threads(2)
 
-# name -> (real weights?, parity batches, max batch of the export)
+# name -> (real weights?, graph batch sizes of the parity check, max batch of the export)
 ARCHS = {
     "resnet20": (True, (1, 32), 64),  # the session's shared export (conftest art20)
     "resnet56": (True, (1, 32), 256),
@@ -112,25 +112,21 @@ def test_export_checks(exported, name):
 
 @pytest.mark.parametrize("name", _params())
 def test_parity(exported, name, cifar_or_none):
+    """Each graph batch size is judged over >= 8 samples (8 single-image calls at batch 1): one image
+    alone is luck, since a single float32 ReLU / max-pool decision flip moves its error by 5e-5..4e-4."""
     v, cfg, out = exported(name)
     og = OrtGraphs(out)
     rows = []
     for b in ARCHS[name][1]:
+        n = max(8, b)
         g = torch.Generator().manual_seed(100 + b)
-        x = torch.rand((b, *v.spec.input_shape), generator=g)
-        rows += parity(v, cfg, og, x, "random", seed=b)
+        x = torch.rand((n, *v.spec.input_shape), generator=g)
+        rows += parity(v, cfg, og, x, "random", seed=b, graph_batch=b)
         if v.spec.input_shape == (3, 32, 32) and cifar_or_none is not None:
-            rows += parity(v, cfg, og, torch.from_numpy(cifar_or_none[:b]), "cifar10", seed=b)
+            rows += parity(v, cfg, og, torch.from_numpy(cifar_or_none[:n]), "cifar10", seed=b, graph_batch=b)
     _ROWS.extend(rows)
     print("\n" + format_table(rows))
     bad = [r for r in rows if not r.ok]
-    if name in BIG:
-        # Random-weight WRN-28-10 / ResNet-50 at batch 1-2: millions of ReLUs, so float32 mask flips
-        # between backends are certain and the 2x rule is luck; hold them to the hard 1e-3 cap only.
-        soft = [r for r in bad if np.isfinite(r.ort_err) and r.ort_err <= MAX_ERR]
-        if soft:
-            print("\nwithin 1e-3 but above 2x torch f32 (reported, not failed):\n" + format_table(soft))
-        bad = [r for r in bad if r not in soft]
     assert not bad, format_table(bad)
 
 
@@ -148,6 +144,32 @@ def test_ap_grad_finite_at_zero_lpips_distance(exported):
     consts = og.run("ap_setup", [x, x])  # coarse == x_in: every ila_dir is 0 too
     (g,) = og.run("ap_grad", [x, *consts])
     assert np.all(np.isfinite(g))
+
+
+class _OddHead(torch.nn.Module):
+    """A user's classifier whose GS embedding (the 10 logits) is no multiple of the cosine's block."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(6, 6, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_user_victim_with_padded_cosine_blocks_exports_and_agrees(tmp_path):
+    torch.manual_seed(0)
+    spec = TapSpec(embedding="head", ila=("body.1",), lpips=("body.1", "body.3"), mean=(0.5,) * 3, std=(0.25,) * 3,
+                   input_shape=(3, 12, 12), num_classes=10)
+    v = make_victim(_OddHead().eval(), spec)
+    cfg = preset("cifar10")
+    out = export_artifacts(v, cfg, tmp_path / "odd", batch=BatchRange(1, 4, 8))
+    assert trt_ops.check_model(onnx.load(str(out / "gs_grad.onnx"))) == []  # 10 logits padded to 3 blocks of 4
+    rows = parity(v, cfg, OrtGraphs(out), torch.rand((8, 3, 12, 12), generator=torch.Generator().manual_seed(1)),
+                  "random", graph_batch=1)
+    assert rows and all(r.ok for r in rows), format_table(rows)
 
 
 # ---------------------------------------------------------------- CLI / API bad inputs
