@@ -1,18 +1,28 @@
 """Runtime vs reference: teacher-forced per-step gradient parity and free-running agreement.
 
-    python -m benchmarks.runtime_parity --model resnet20 resnet56 --n 200 [--pgd]
+    python -m benchmarks.runtime_parity --model resnet20 resnet56 --n 200 [--artifacts DIR] [--no-floor]
 
 Teacher-forced: at every GS and AP step of the torch reference's trajectory, the runtime's
 graph is fed the reference's iterate (and, for ap_grad, the reference's float32 constants);
 its error against the float64 truth on the same inputs must be <= 2x the torch float32
 reference's own error (plus a 1e-7 floor) and <= 1e-3. Free-running: both purify the same
 images independently; report identical predictions, identical pixels, and accuracies.
+
+The float32 floor puts the free-running figures in scale: the same reference, run once with
+oneDNN's convolutions and once with ATen's im2col + GEMM (both correct float32, summed in other
+orders), drifts apart the same way: sign steps turn 1e-7 relative gradient differences into
+whole-step pixel differences that later steps compound. A runtime should agree with the
+reference at least as well as the reference agrees with itself across that switch.
+
+``--artifacts DIR`` reuses DIR/<model> (e.g. exported with ``zeropur-export MODEL --config
+configs/MODEL_calibrated.json --out DIR/MODEL``); otherwise the model is exported with its preset.
 """
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -69,34 +79,81 @@ def summary(rows: list[ParityRow]) -> str:
             f"median runtime {np.median([r.ort_err for r in rows]):.2e} vs torch f32 {np.median([r.torch_err for r in rows]):.2e}")
 
 
-def free_running(pur: Purifier, victim: Victim, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
-    ref = ReferencePurifier(victim, pur.cfg)
-    same_pred = same_px = acc_rt = acc_ref = 0.0
-    secs = dict(runtime=0.0, reference=0.0)
-    margins: list[float] = []  # the reference's top-1 minus top-2 logit where the two disagree
+Purify = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # images -> (purified images, their logits)
+
+
+def runtime_side(pur: Purifier) -> Purify:
+    def run(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = pur.purify(xb)
+        return out, pur.logits(out)
+    return run
+
+
+def reference_side(victim: Victim, cfg, onednn: bool = True) -> Purify:
+    """The torch reference; ``onednn=False`` runs its convolutions through ATen's own im2col + GEMM
+    instead of oneDNN: another summation order, equally valid float32."""
+    ref = ReferencePurifier(victim, cfg)
+
+    def run(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prev = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = onednn  # mkldnn.flags() would also reset its TF32 and determinism flags
+        try:
+            out = ref.purify(torch.from_numpy(xb))
+            with torch.no_grad():
+                return out.numpy(), victim(out).numpy()
+        finally:
+            torch.backends.mkldnn.enabled = prev
+    return run
+
+
+def agreement(tested: Purify, reference: Purify, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
+    """Both purify the same images independently: identical predictions and pixels, accuracies, and the
+    reference's top-1 minus top-2 logit margin where the predictions part."""
+    same_pred = same_px = acc_t = acc_r = 0.0
+    secs = dict(tested=0.0, reference=0.0)
+    margins: list[float] = []
     all_margins: list[float] = []
     for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
+        xb, yb = x[i:i + batch], y[i:i + batch]
         t0 = time.perf_counter()
-        xo, po = pur.purify_and_classify(xb)
+        xo, lo = tested(xb)
         t1 = time.perf_counter()
-        xr = ref.purify(torch.from_numpy(xb))
-        with torch.no_grad():
-            logits = victim(xr).numpy()
-        pr = logits.argmax(1)
-        top2 = np.sort(logits, axis=1)[:, -2:]
+        xr, lr = reference(xb)
+        secs["tested"] += t1 - t0
+        secs["reference"] += time.perf_counter() - t1
+        po, pr = lo.argmax(1), lr.argmax(1)
+        top2 = np.sort(lr, axis=1)[:, -2:]
         margins += [float(m) for m in (top2[:, 1] - top2[:, 0])[po != pr]]
         all_margins += [float(m) for m in top2[:, 1] - top2[:, 0]]
-        secs["runtime"] += t1 - t0
-        secs["reference"] += time.perf_counter() - t1
         same_pred += float((po == pr).sum())
-        same_px += float((xo == xr.numpy()).sum())
-        acc_rt += float((po == y[i:i + batch]).sum())
-        acc_ref += float((pr == y[i:i + batch]).sum())
+        same_px += float((xo == xr).sum())
+        acc_t += float((po == yb).sum())
+        acc_r += float((pr == yb).sum())
     n = len(x)
     return dict(n=n, same_prediction=same_pred / n, same_pixels=same_px / x.size,
-                acc_runtime=100 * acc_rt / n, acc_reference=100 * acc_ref / n, seconds=secs,
+                acc_tested=100 * acc_t / n, acc_reference=100 * acc_r / n, seconds=secs,
                 disagreeing_margins=sorted(margins), median_margin=float(np.median(all_margins)))
+
+
+def free_running(pur: Purifier, victim: Victim, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
+    """The runtime against the torch reference."""
+    return agreement(runtime_side(pur), reference_side(victim, pur.cfg), x, y, batch)
+
+
+def float32_floor(victim: Victim, cfg, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
+    """The torch reference against itself with its convolutions summed in another order (oneDNN off):
+    how far two correct float32 implementations of the loop drift apart once free-running."""
+    return agreement(reference_side(victim, cfg, onednn=False), reference_side(victim, cfg), x, y, batch)
+
+
+def format_agreement(label: str, r: dict, tested: str = "runtime") -> str:
+    line = (f"{label}: n={r['n']} same prediction {100 * r['same_prediction']:.1f}%, same pixels "
+            f"{100 * r['same_pixels']:.2f}%, purified acc {tested} {r['acc_tested']:.1f}% vs reference "
+            f"{r['acc_reference']:.1f}% ({r['seconds']['tested']:.1f} s vs {r['seconds']['reference']:.1f} s)")
+    if r["disagreeing_margins"]:
+        line += ("\n  reference's top-1 minus top-2 logit on the disagreeing images: "
+                 + ", ".join(f"{m:.3f}" for m in r["disagreeing_margins"]) + f" (median over all: {r['median_margin']:.3f})")
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-n", type=int, default=16, help="images in the teacher-forced check")
     ap.add_argument("--artifacts", default="artifacts")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the float32 floor (the reference against itself with oneDNN off)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     xs, ys = load_cifar10_test(stop=args.n)
@@ -122,13 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: teacher-forced, {len(rows)} graph calls on {args.teacher_n} images: {summary(rows)}")
         adv = pgd_linf(victim, torch.from_numpy(x), torch.from_numpy(y)).numpy()
         for label, inp in (("clean", x), ("pgd20", adv)):
-            r = free_running(pur, victim, inp, y)
-            print(f"{model} {label}: n={r['n']} same prediction {100 * r['same_prediction']:.1f}%, same pixels "
-                  f"{100 * r['same_pixels']:.2f}%, purified acc runtime {r['acc_runtime']:.1f}% vs reference "
-                  f"{r['acc_reference']:.1f}% ({r['seconds']['runtime']:.1f} s vs {r['seconds']['reference']:.1f} s)")
-            if r["disagreeing_margins"]:
-                print("  reference's top-1 minus top-2 logit on the disagreeing images: "
-                      + ", ".join(f"{m:.3f}" for m in r["disagreeing_margins"]) + f" (median over all: {r['median_margin']:.3f})")
+            print(format_agreement(f"{model} {label}", free_running(pur, victim, inp, y)))
+            if args.floor:
+                r = float32_floor(victim, pur.cfg, inp, y)
+                print(format_agreement(f"{model} {label}, float32 floor", r, tested="reference with oneDNN off"))
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from benchmarks.runtime_parity import free_running, summary, teacher_forced  # noqa: E402
+from benchmarks.runtime_parity import float32_floor, format_agreement, free_running, summary, teacher_forced  # noqa: E402
 from zeropur_rt.manifest import ArtifactError, load_manifest  # noqa: E402
 from zeropur_rt.purifier import Purifier  # noqa: E402
 
@@ -28,14 +28,18 @@ def test_teacher_forced_gradient_parity_every_step(pur, victim20, cifar):
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
-def test_free_running_agrees_with_reference(pur, victim20, cifar):
+def test_free_running_agrees_with_reference_at_least_as_well_as_float32_allows(pur, victim20, cifar):
+    """Free-running, pixels drift apart over 60 sign steps in any two float32 implementations: the
+    reference against itself with oneDNN off (another convolution summation order) is the floor."""
     x, y = cifar[0][:64], cifar[1][:64]
     r = free_running(pur, victim20, x, y, batch=32)
-    print(f"\nfree-running on 64 images: same prediction {r['same_prediction']:.4f}, identical pixels "
-          f"{r['same_pixels']:.4f}, accuracy runtime {r['acc_runtime']:.1f}% vs reference {r['acc_reference']:.1f}%")
+    floor = float32_floor(victim20, pur.cfg, x, y, batch=32)
+    print("\n" + format_agreement("runtime vs reference, 64 images", r))
+    print(format_agreement("float32 floor", floor, tested="reference with oneDNN off"))
     assert r["same_prediction"] >= 63 / 64
-    assert r["same_pixels"] >= 0.6
-    assert abs(r["acc_runtime"] - r["acc_reference"]) <= 2 * 100 / 64
+    assert r["same_prediction"] >= floor["same_prediction"]
+    assert r["same_pixels"] >= floor["same_pixels"]
+    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
 
 
 def test_numpy_and_host_kernels_give_identical_bytes(art20, cifar):
@@ -114,6 +118,20 @@ def test_missing_kernel_library_falls_back_with_warning(art20, monkeypatch, capl
     assert "falling back to the numpy twin" in caplog.text
     with pytest.raises(ValueError, match="kernels='host'"):
         Purifier.load(art20, kernels="host")
+
+
+def test_onnxruntime_gpu_providers_are_refused_clearly_where_absent(art20):
+    import onnxruntime as ort
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA execution provider: tests/gpu runs it")
+    with pytest.raises(ValueError, match="no CUDAExecutionProvider.*onnxruntime-gpu"):
+        Purifier.load(art20, device="cuda")
+    with pytest.raises(ValueError, match="no TensorrtExecutionProvider"):
+        Purifier.load(art20, device="cuda:0", provider="tensorrt")
+    with pytest.raises(ValueError, match="does not run on device 'cpu'"):
+        Purifier.load(art20, provider="tensorrt")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:i'"):
+        Purifier.load(art20, device="gpu")
 
 
 def test_import_is_cheap():
