@@ -7,7 +7,8 @@
    pytest tests/gpu/test_torch_cuda_loop.py; eager vs CUDA graph bit for bit and vs the host-kernel
    loop on 64 images; vs the torch reference on ``--parity-n`` real images, clean and PGD-20.
 3. TensorRT, if importable: pytest tests/gpu/test_tensorrt.py (engine builds, FP32 parity, Purifier
-   vs torch reference, device loop, CUDA graph replay bit for bit).
+   vs torch reference, device loop, CUDA graph replay bit for bit); onnxruntime's CUDA / TensorRT
+   execution providers where onnxruntime-gpu is installed: pytest tests/gpu/test_onnxruntime_gpu.py.
 4. Latency per (model, batch): the released-code-cost torch reference (``ap_mode="recompute"``) on
    this GPU, the lean torch reference, torch-CUDA + our kernels (eager and CUDA graph), and on
    TensorRT the host loop and the device loop with a CUDA graph -- all in this run, on this GPU.
@@ -261,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             report["checks"]["tensorrt"] = _pytest("tests/gpu/test_tensorrt.py", out, args.test_timeout)
         else:
             report["checks"]["tensorrt"] = {"ok": None, "summary": "skipped: tensorrt not importable"}
+        # skips itself (with the reason in the summary) where onnxruntime has no CUDA execution provider
+        report["checks"]["onnxruntime_gpu"] = _pytest("tests/gpu/test_onnxruntime_gpu.py", out, args.test_timeout)
         write_report(out, report)
     from zeropur_export.build import ensure_artifacts
     from zeropur_rt.data import load_cifar10_test, to_nchw_float

@@ -24,20 +24,41 @@ class Runner(Protocol):
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
 
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
 class OnnxRuntimeRunner:
-    """ONNX Runtime, CPU execution provider: one InferenceSession per graph, created once."""
+    """ONNX Runtime: one InferenceSession per graph, created once.
+
+    ``device="cpu"``: the CPU execution provider. ``device="cuda[:i]"``: ``provider="cuda"`` (CUDA EP,
+    cuDNN, TF32 off) or ``provider="tensorrt"`` (TensorRT EP with its engine cache in ``trt_cache_dir``,
+    falling back to the CUDA EP for nodes it does not take); both come with the onnxruntime-gpu
+    package. On a GPU each call goes through an IOBinding: inputs bound from the host, outputs left in
+    ORT's device allocator and copied back once, so no intermediate of a graph crosses to the host.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+    def __init__(self, artifact_dir: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 provider: str | None = None, trt_cache_dir: str | os.PathLike | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise ImportError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from e
-        if device != "cpu":
-            raise ValueError(f"the onnxruntime backend runs on device 'cpu' here (got {device!r}); "
-                             "for GPUs use backend='tensorrt' or backend='torch' with device='cuda'")
-        self.device = device
+        self.device = str(device)
+        self.device_id = _cuda_ordinal(self.device)
+        provider = provider or ("cpu" if self.device_id is None else "cuda")
+        if provider not in ORT_PROVIDERS:
+            raise ValueError(f"unknown onnxruntime provider {provider!r}; choose one of {', '.join(ORT_PROVIDERS)}")
+        if (provider == "cpu") != (self.device_id is None):
+            raise ValueError(f"provider {provider!r} does not run on device {self.device!r}: "
+                             "use device='cpu' with provider='cpu', device='cuda[:i]' with 'cuda' or 'tensorrt'")
+        have = ort.get_available_providers()
+        if ORT_PROVIDERS[provider] not in have:
+            raise ValueError(f"this onnxruntime ({ort.__version__}) has no {ORT_PROVIDERS[provider]} (it has "
+                             f"{', '.join(have)}): the GPU providers come with `pip install onnxruntime-gpu` "
+                             "(in place of onnxruntime), or use backend='tensorrt' / 'torch'")
+        self.provider = provider
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         threads = threads or int(os.environ.get("ZEROPUR_THREADS", "0")) or None
@@ -46,14 +67,58 @@ class OnnxRuntimeRunner:
             opts.inter_op_num_threads = 1
         # Spinning worker threads burn the other core between our small kernels: turn it off.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = _ort_providers(provider, self.device_id, manifest, trt_cache_dir)
         self.sessions: dict[str, Any] = {}
         self.outputs: dict[str, list[str]] = {}
         for g, spec in manifest.graphs.items():
-            self.sessions[g] = ort.InferenceSession(str(artifact_dir / spec["file"]), opts, providers=["CPUExecutionProvider"])
+            path = str(artifact_dir / spec["file"])
+            try:
+                sess = ort.InferenceSession(path, opts, providers=providers)
+            except Exception:  # noqa: BLE001 - an older onnxruntime-gpu that does not know use_tf32
+                if provider == "cpu":
+                    raise
+                sess = ort.InferenceSession(path, opts, providers=_ort_providers(provider, self.device_id, manifest,
+                                                                                trt_cache_dir, tf32_option=False))
+            self.sessions[g] = sess
             self.outputs[g] = list(spec["outputs"])
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[graph].run(self.outputs[graph], feeds)
+        sess = self.sessions[graph]
+        if self.device_id is None:
+            return sess.run(self.outputs[graph], feeds)
+        io = sess.io_binding()
+        for name, a in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(a))
+        for name in self.outputs[graph]:
+            io.bind_output(name, "cuda", self.device_id)
+        sess.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()
+
+
+def _cuda_ordinal(device: str) -> int | None:
+    """None for 'cpu', i for 'cuda' / 'cuda:i'; anything else is refused."""
+    if device == "cpu":
+        return None
+    head, _, idx = device.partition(":")
+    if head == "cuda" and (idx == "" or idx.isdigit()):
+        return int(idx or 0)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:i', got {device!r}")
+
+
+def _ort_providers(provider: str, device_id: int | None, manifest: Manifest, trt_cache_dir: Any,
+                   tf32_option: bool = True) -> list[Any]:
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    # cuDNN would otherwise run float32 convolutions in TF32 on Ampere and later (10-bit mantissa).
+    cuda = ("CUDAExecutionProvider", {"device_id": device_id, "cudnn_conv_algo_search": "EXHAUSTIVE",
+                                      **({"use_tf32": "0"} if tf32_option else {})})
+    if provider == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    cache = Path(trt_cache_dir or Path.home() / ".cache" / "zeropur-rt" / "ort-trt" / manifest.model)
+    cache.mkdir(parents=True, exist_ok=True)
+    return [("TensorrtExecutionProvider", {"device_id": device_id, "trt_engine_cache_enable": "True",
+                                           "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": "True"}),
+            cuda, "CPUExecutionProvider"]
 
 
 class TorchRunner:
@@ -119,7 +184,7 @@ class TorchRunner:
 def make_runner(backend: str, artifact_dir: Path, manifest: Manifest, device: str = "cpu",
                 threads: int | None = None, **kwargs: Any) -> Runner:
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(artifact_dir, manifest, device, threads)
+        return OnnxRuntimeRunner(artifact_dir, manifest, device, threads, **kwargs)
     if backend == "torch":
         return TorchRunner(artifact_dir, manifest, device, threads, **kwargs)
     if backend == "tensorrt":

@@ -21,6 +21,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact_dir", help="directory written by zeropur-export")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ort-provider", choices=["cuda", "tensorrt"], default=None,
+                   help="with --backend onnxruntime --device cuda: its CUDA (default) or TensorRT execution provider")
     p.add_argument("--kernels", default="auto", choices=["auto", "host", "numpy"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images per call (default: the artifact's opt batch)")
@@ -51,7 +53,8 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
     from zeropur_rt.images import read_images
     from zeropur_rt.purifier import Purifier
 
-    pur = Purifier.load(args.artifact_dir, args.backend, args.device, args.kernels, args.threads)
+    extra = {"provider": args.ort_provider} if args.ort_provider else {}
+    pur = Purifier.load(args.artifact_dir, args.backend, args.device, args.kernels, args.threads, **extra)
     x, y, names = read_images(args.input, tuple(pur.chw[1:]))
     size = args.batch or int(pur.manifest.batch.get("opt", pur.max_batch))
     size = min(size, pur.max_batch)

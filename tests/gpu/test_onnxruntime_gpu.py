@@ -1,0 +1,54 @@
+"""GPU tests of the onnxruntime backend's CUDA and TensorRT execution providers (onnxruntime-gpu):
+every graph against the CPU provider, and the Purifier on the GPU against the torch reference.
+
+Skipped, with the reason, where onnxruntime has no CUDA execution provider.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    pytest.skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (pip install onnxruntime-gpu)",
+                allow_module_level=True)
+pytest.importorskip("torch")
+
+from benchmarks.runtime_parity import free_running  # noqa: E402
+from zeropur_rt.purifier import Purifier  # noqa: E402
+
+PROVIDERS = [p for p, name in (("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider"))
+             if name in ort.get_available_providers()]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_every_graph_matches_the_cpu_provider(art20, cifar, provider):
+    gpu = Purifier.load(art20, device="cuda", provider=provider)
+    cpu = Purifier.load(art20, threads=2)
+    x = cifar[0][:16]
+    xb = cpu.kernels.blur(x, cpu.blur_weights)
+    coarse = np.clip(x + cpu.cfg.eps * np.sign(np.random.default_rng(0).random(x.shape) - 0.5), 0, 1).astype(np.float32)
+    consts = cpu.runner.run("ap_setup", {"x_in": x, "coarse": coarse})
+    feeds = {"classifier": {"x": x}, "gs_grad": {"x": x, "x_blur": xb}, "ap_setup": {"x_in": x, "coarse": coarse},
+             "ap_grad": dict(zip(cpu.manifest.graphs["ap_setup"]["outputs"], consts)) | {"fine": coarse}}
+    for g, f in feeds.items():
+        for name, a, b in zip(cpu.manifest.graphs[g]["outputs"], gpu.runner.run(g, f), cpu.runner.run(g, f)):
+            assert a.shape == b.shape and a.dtype == np.float32
+            # per sample: a float32 ReLU-mask flip in one provider moves one sample's gradient by ~1e-3
+            med = float(np.median([_rel(u, v) for u, v in zip(a, b)])) if a.ndim else _rel(a, b)
+            print(f"{provider} {g}.{name}: rel err vs CPU {_rel(a, b):.2e}, per-sample median {med:.2e}")
+            assert med < 1e-4, (g, name)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_purifier_on_the_gpu_agrees_with_reference(art20, victim20, cifar, provider):
+    pur = Purifier.load(art20, device="cuda", provider=provider)
+    x, y = cifar[0][:64], cifar[1][:64]
+    r = free_running(pur, victim20, x, y, batch=32)
+    print(f"\n{provider}: same prediction {r['same_prediction']:.4f}, same pixels {r['same_pixels']:.4f}")
+    assert r["same_prediction"] >= 62 / 64
