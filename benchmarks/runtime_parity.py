@@ -74,7 +74,8 @@ def summary(rows: list[ParityRow]) -> str:
     strict = sum(r.strict_ok for r in rows)
     flips = [r for r in rows if r.ok and not r.strict_ok]
     return (f"{strict}/{len(rows)} within the bound on the whole batch, {sum(r.ok for r in rows)}/{len(rows)} counting "
-            f"isolated ReLU-mask flips ({sum(r.outliers for r in flips)} flipped samples in {len(flips)} calls); "
+            f"isolated ReLU-mask flips ({sum(r.outliers for r in flips)} flipped samples in {len(flips)} calls; torch "
+            f"float32 itself flipped {sum(r.torch_flips for r in rows)} samples over all calls); "
             f"max err runtime {max(r.ort_err for r in rows):.2e} vs torch f32 {max(r.torch_err for r in rows):.2e}; "
             f"median runtime {np.median([r.ort_err for r in rows]):.2e} vs torch f32 {np.median([r.torch_err for r in rows]):.2e}")
 

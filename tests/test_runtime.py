@@ -33,13 +33,17 @@ def test_free_running_agrees_with_reference_at_least_as_well_as_float32_allows(p
     reference against itself with oneDNN off (another convolution summation order) is the floor."""
     x, y = cifar[0][:64], cifar[1][:64]
     r = free_running(pur, victim20, x, y, batch=32)
-    floor = float32_floor(victim20, pur.cfg, x, y, batch=32)
     print("\n" + format_agreement("runtime vs reference, 64 images", r))
-    print(format_agreement("float32 floor", floor, tested="reference with oneDNN off"))
     assert r["same_prediction"] >= 63 / 64
+    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: no second convolution order to measure the float32 floor with")
+    floor = float32_floor(victim20, pur.cfg, x, y, batch=32)
+    print(format_agreement("float32 floor", floor, tested="reference with oneDNN off"))
+    if floor["same_pixels"] == 1.0:
+        pytest.skip("oneDNN off changed no convolution's rounding on this machine: the floor is not measurable")
     assert r["same_prediction"] >= floor["same_prediction"]
     assert r["same_pixels"] >= floor["same_pixels"]
-    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
 
 
 def test_numpy_and_host_kernels_give_identical_bytes(art20, cifar):
