@@ -61,8 +61,9 @@ class ParityRow:
         not the other (different conv algorithms round differently): that sample's gradient
         jumps (~1e-3) while every other sample agrees to ~1e-7. Such a flip is float32's, not
         the lowering's (the torch float32 reference shows the same flips on other samples): over
-        >= 8 samples (one batch, or single-image calls), up to max(2, 10%) such samples are tolerated
-        when the rule holds for the per-sample median errors. One image alone proves nothing either
+        >= 8 samples (one batch, or single-image calls), up to max(2, 10%) such samples, or as many
+        as torch float32 flipped itself on the same inputs, are tolerated when the rule holds for
+        the per-sample median errors. One image alone proves nothing either
         way: on random-weight ResNet-50 (9.8M ReLU / max-pool decisions) torch float32 itself takes
         1-3 decisions the other way than float64, each worth 5e-5 to 4e-4 of relative error.
         Samples that miss 2x their own torch error without a flip (say 3e-6 against 1.4e-6) are
@@ -70,8 +71,8 @@ class ParityRow:
         """
         if self.strict_ok:
             return True
-        return bool(self.batch >= 8 and np.isfinite(self.worst) and self.outliers <= max(2, self.batch // 10)
-                    and self.median_ok)
+        return bool(self.batch >= 8 and np.isfinite(self.worst) and self.median_ok
+                    and self.outliers <= max(2, self.batch // 10, self.torch_flips))
 
 
 def parity_row(model: str, graph: str, output: str, label: str, ort: np.ndarray, t32: np.ndarray,
