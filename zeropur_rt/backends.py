@@ -33,8 +33,10 @@ class OnnxRuntimeRunner:
     ``device="cpu"``: the CPU execution provider. ``device="cuda[:i]"``: ``provider="cuda"`` (CUDA EP,
     cuDNN, TF32 off) or ``provider="tensorrt"`` (TensorRT EP with its engine cache in ``trt_cache_dir``,
     falling back to the CUDA EP for nodes it does not take); both come with the onnxruntime-gpu
-    package. On a GPU each call goes through an IOBinding: inputs bound from the host, outputs left in
-    ORT's device allocator and copied back once, so no intermediate of a graph crosses to the host.
+    package. On a GPU each call goes through an IOBinding (inputs bound from the host, outputs in ORT's
+    device allocator, copied back once); the Purifier's loop and kernels stay on the host, so every
+    step moves its iterate and gradient across. The device-resident loops are TensorRTLoop and
+    TorchCudaLoop.
     """
 
     name = "onnxruntime"
