@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -107,44 +108,54 @@ def reference_side(victim: Victim, cfg, onednn: bool = True) -> Purify:
     return run
 
 
-def agreement(tested: Purify, reference: Purify, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
-    """Both purify the same images independently: identical predictions and pixels, accuracies, and the
+@dataclass
+class Purified:
+    """One side's purified images and their logits over a whole image set, and its wall time."""
+
+    images: np.ndarray
+    logits: np.ndarray
+    seconds: float
+
+
+def purify_all(fn: Purify, x: np.ndarray, batch: int = 50) -> Purified:
+    t0 = time.perf_counter()
+    parts = [fn(x[i:i + batch]) for i in range(0, len(x), batch)]
+    return Purified(np.concatenate([o for o, _ in parts]), np.concatenate([lg for _, lg in parts]),
+                    time.perf_counter() - t0)
+
+
+def reference_outputs(victim: Victim, cfg, x: np.ndarray, batch: int = 50) -> Purified:
+    """The torch reference on ``x``, computed once and shared by ``free_running`` and ``float32_floor``."""
+    return purify_all(reference_side(victim, cfg), x, batch)
+
+
+def agreement(tested: Purified, reference: Purified, y: np.ndarray) -> dict:
+    """Identical predictions and pixels of two independent purifications, accuracies, and the
     reference's top-1 minus top-2 logit margin where the predictions part."""
-    same_pred = same_px = acc_t = acc_r = 0.0
-    secs = dict(tested=0.0, reference=0.0)
-    margins: list[float] = []
-    all_margins: list[float] = []
-    for i in range(0, len(x), batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
-        t0 = time.perf_counter()
-        xo, lo = tested(xb)
-        t1 = time.perf_counter()
-        xr, lr = reference(xb)
-        secs["tested"] += t1 - t0
-        secs["reference"] += time.perf_counter() - t1
-        po, pr = lo.argmax(1), lr.argmax(1)
-        top2 = np.sort(lr, axis=1)[:, -2:]
-        margins += [float(m) for m in (top2[:, 1] - top2[:, 0])[po != pr]]
-        all_margins += [float(m) for m in top2[:, 1] - top2[:, 0]]
-        same_pred += float((po == pr).sum())
-        same_px += float((xo == xr).sum())
-        acc_t += float((po == yb).sum())
-        acc_r += float((pr == yb).sum())
-    n = len(x)
-    return dict(n=n, same_prediction=same_pred / n, same_pixels=same_px / x.size,
-                acc_tested=100 * acc_t / n, acc_reference=100 * acc_r / n, seconds=secs,
-                disagreeing_margins=sorted(margins), median_margin=float(np.median(all_margins)))
+    po, pr = tested.logits.argmax(1), reference.logits.argmax(1)
+    top2 = np.sort(reference.logits, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    n = len(y)
+    return dict(n=n, same_prediction=float((po == pr).mean()),
+                same_pixels=float((tested.images == reference.images).mean()),
+                acc_tested=100 * float((po == y).mean()), acc_reference=100 * float((pr == y).mean()),
+                seconds=dict(tested=tested.seconds, reference=reference.seconds),
+                disagreeing_margins=sorted(float(m) for m in margin[po != pr]), median_margin=float(np.median(margin)))
 
 
-def free_running(pur: Purifier, victim: Victim, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
-    """The runtime against the torch reference."""
-    return agreement(runtime_side(pur), reference_side(victim, pur.cfg), x, y, batch)
+def free_running(pur: Purifier, victim: Victim, x: np.ndarray, y: np.ndarray, batch: int = 50,
+                 reference: Purified | None = None) -> dict:
+    """The runtime against the torch reference (``reference``: its outputs on ``x``, if already computed)."""
+    ref = reference or reference_outputs(victim, pur.cfg, x, batch)
+    return agreement(purify_all(runtime_side(pur), x, batch), ref, y)
 
 
-def float32_floor(victim: Victim, cfg, x: np.ndarray, y: np.ndarray, batch: int = 50) -> dict:
+def float32_floor(victim: Victim, cfg, x: np.ndarray, y: np.ndarray, batch: int = 50,
+                  reference: Purified | None = None) -> dict:
     """The torch reference against itself with its convolutions summed in another order (oneDNN off):
     how far two correct float32 implementations of the loop drift apart once free-running."""
-    return agreement(reference_side(victim, cfg, onednn=False), reference_side(victim, cfg), x, y, batch)
+    ref = reference or reference_outputs(victim, cfg, x, batch)
+    return agreement(purify_all(reference_side(victim, cfg, onednn=False), x, batch), ref, y)
 
 
 def format_agreement(label: str, r: dict, tested: str = "runtime") -> str:
@@ -182,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: teacher-forced, {len(rows)} graph calls on {args.teacher_n} images: {summary(rows)}")
         adv = pgd_linf(victim, torch.from_numpy(x), torch.from_numpy(y)).numpy()
         for label, inp in (("clean", x), ("pgd20", adv)):
-            print(format_agreement(f"{model} {label}", free_running(pur, victim, inp, y)))
+            ref = reference_outputs(victim, pur.cfg, inp)
+            print(format_agreement(f"{model} {label}", free_running(pur, victim, inp, y, reference=ref)))
             if args.floor:
-                r = float32_floor(victim, pur.cfg, inp, y)
+                r = float32_floor(victim, pur.cfg, inp, y, reference=ref)
                 print(format_agreement(f"{model} {label}, float32 floor", r, tested="reference with oneDNN off"))
     return 0
 

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from benchmarks.runtime_parity import float32_floor, format_agreement, free_running, summary, teacher_forced  # noqa: E402
+from benchmarks.runtime_parity import (float32_floor, format_agreement, free_running,  # noqa: E402
+                                      reference_outputs, summary, teacher_forced)
 from zeropur_rt.manifest import ArtifactError, load_manifest  # noqa: E402
 from zeropur_rt.purifier import Purifier  # noqa: E402
 
@@ -32,13 +33,14 @@ def test_free_running_agrees_with_reference_at_least_as_well_as_float32_allows(p
     """Free-running, pixels drift apart over 60 sign steps in any two float32 implementations: the
     reference against itself with oneDNN off (another convolution summation order) is the floor."""
     x, y = cifar[0][:64], cifar[1][:64]
-    r = free_running(pur, victim20, x, y, batch=32)
+    ref = reference_outputs(victim20, pur.cfg, x, batch=32)
+    r = free_running(pur, victim20, x, y, batch=32, reference=ref)
     print("\n" + format_agreement("runtime vs reference, 64 images", r))
     assert r["same_prediction"] >= 63 / 64
     assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN: no second convolution order to measure the float32 floor with")
-    floor = float32_floor(victim20, pur.cfg, x, y, batch=32)
+    floor = float32_floor(victim20, pur.cfg, x, y, batch=32, reference=ref)
     print(format_agreement("float32 floor", floor, tested="reference with oneDNN off"))
     if floor["same_pixels"] == 1.0:
         pytest.skip("oneDNN off changed no convolution's rounding on this machine: the floor is not measurable")

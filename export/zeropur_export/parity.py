@@ -63,9 +63,9 @@ class ParityRow:
         the lowering's (the torch float32 reference shows the same flips on other samples): over
         >= 8 samples (one batch, or single-image calls), up to max(2, 10%) such samples, or as many
         as torch float32 flipped itself on the same inputs, are tolerated when the rule holds for
-        the per-sample median errors. One image alone proves nothing either
-        way: on random-weight ResNet-50 (9.8M ReLU / max-pool decisions) torch float32 itself takes
-        1-3 decisions the other way than float64, each worth 5e-5 to 4e-4 of relative error.
+        the per-sample median errors. One image alone proves nothing either way: on random-weight
+        ResNet-50 (9.8M ReLU / max-pool decisions) torch float32 itself takes 1-3 decisions the
+        other way than float64, each worth 5e-5 to 4e-4 of relative error.
         Samples that miss 2x their own torch error without a flip (say 3e-6 against 1.4e-6) are
         summation-order noise compared with noise: the median rule judges those.
         """
