@@ -8,9 +8,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from fractions import Fraction
+from typing import Any, Iterable, Literal
 
 L1Scope = Literal["sample", "batch"]
+
+# Fields baked into the exported ap_grad graph: changing them needs a re-export.
+BAKED_FIELDS = ("ila_weight", "lpips_weight", "ila_normalized", "ila_norm_eps")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class ZeroPurConfig:
             raise ValueError(f"config.l1_scope must be 'sample' or 'batch', got {self.l1_scope!r}")
 
     def replace(self, **overrides: Any) -> "ZeroPurConfig":
+        """A copy with ``overrides``; AP's step follows eps and the AP step count (see ``ap_step_for``)
+        unless ``ap_step`` is among the overrides."""
+        if "ap_step" not in overrides and ("eps" in overrides or "ap_steps" in overrides):
+            overrides = {**overrides, "ap_step": ap_step_for(self, overrides.get("eps", self.eps),
+                                                              overrides.get("ap_steps", self.ap_steps))}
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,10 +83,70 @@ class ZeroPurConfig:
         return cls(**d)
 
 
+def ap_step_for(cfg: ZeroPurConfig, eps: float, ap_steps: int) -> float:
+    """The one eps -> ap_step rule: AP's total travel (ap_steps * ap_step) stays the recipe's multiple
+    of eps. The presets travel exactly eps (ap_step = eps / ap_steps, the released code's rule), so a
+    new eps scales the step and more AP steps make each one shorter."""
+    if ap_steps <= 0:  # no AP: the step is unused, keep it in scale with eps
+        return cfg.ap_step * eps / cfg.eps
+    travel = cfg.ap_steps * cfg.ap_step / cfg.eps if cfg.ap_steps > 0 else 1.0
+    return travel * eps / ap_steps
+
+
+def parse_value(field_name: str, raw: str) -> Any:
+    """One ``--set`` value, typed by the config field: booleans (true/false/1/0/yes/no/on/off), integers,
+    and floats written as decimals or fractions (``8/255``)."""
+    fields = {f.name: f for f in dataclasses.fields(ZeroPurConfig)}
+    if field_name not in fields:
+        raise ValueError(f"unknown config field {field_name!r}; valid fields: {', '.join(sorted(fields))}")
+    default = getattr(ZeroPurConfig(), field_name)
+    text = raw.strip()
+    try:
+        if isinstance(default, bool):
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected a boolean (true/false)")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"--set {field_name}={raw}: {e}") from None
+    return text
+
+
+def parse_sets(pairs: Iterable[str]) -> dict[str, Any]:
+    """``["eps=8/255", "ap_steps=100", "ila_normalized=true"]`` -> typed overrides (the one --set parser)."""
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        key, sep, raw = kv.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
+        out[key.strip()] = parse_value(key.strip(), raw)
+    return out
+
+
+def apply_overrides(cfg: ZeroPurConfig, overrides: dict[str, Any] | None, *, baked: bool = False) -> ZeroPurConfig:
+    """``cfg`` with ``overrides``. ``baked=True`` (a run over exported graphs) refuses a change to a field
+    baked into the ap_grad graph, instead of applying it where it cannot take effect."""
+    if not overrides:
+        return cfg
+    if baked:
+        changed = sorted(k for k in set(overrides) & set(BAKED_FIELDS) if overrides[k] != getattr(cfg, k))
+        if changed:
+            raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} baked into the exported "
+                             "ap_grad graph and cannot change at run time: re-export with `zeropur-export export "
+                             f"MODEL --set {changed[0]}=...`")
+    return cfg.replace(**overrides)
+
+
 def preset(name: str, **overrides: Any) -> ZeroPurConfig:
     """The released code's presets; every field can be overridden.
 
-    ``ap_step`` follows ``eps`` (eps / 50) unless given explicitly.
+    ``ap_step`` is eps / ap_steps unless given explicitly.
     """
     if name in ("cifar10", "cifar100"):
         base: dict[str, Any] = dict(eps=10 / 255, gs_steps=10, gs_step=1 / 255, ap_steps=50)
@@ -86,5 +155,5 @@ def preset(name: str, **overrides: Any) -> ZeroPurConfig:
     else:
         raise ValueError(f"unknown preset {name!r}; valid presets: cifar10, cifar100, imagenet")
     base.update(overrides)
-    base.setdefault("ap_step", base["eps"] / 50)
+    base.setdefault("ap_step", base["eps"] / (base["ap_steps"] or 50))
     return ZeroPurConfig(preset=name, **base)

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from zeropur_export.taps import Victim
 from zeropur_rt.blur import box_blur_weights
 from zeropur_rt.config import ZeroPurConfig
-from zeropur_rt.validate import check_images
 
 APMode = Literal["lean", "recompute"]
 _TINY = 1e-30  # floor under squared norms: keeps sqrt's gradient finite (0, not NaN) at zero
@@ -184,25 +183,47 @@ def input_grad(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor)
     return g, loss.detach()
 
 
-@dataclass
-class Trace:
-    """Iterates of one purification: ``gs_x[t]`` / ``ap_x[t]`` is the input of GS / AP step t."""
+class TorchKernels:
+    """The kernel set of the reference: the torch twins above, in place on a torch runner's buffers
+    (any float dtype, any device)."""
 
-    gs_x: list[torch.Tensor] = field(default_factory=list)
-    gs_m: list[torch.Tensor] = field(default_factory=list)
-    ap_x: list[torch.Tensor] = field(default_factory=list)
-    coarse: torch.Tensor | None = None
+    name = "torch"
+
+    def __init__(self, tensor: Callable[[object], torch.Tensor]):
+        self.t = tensor
+
+    def blur(self, src, dst, sigma: float) -> None:
+        self.t(dst).copy_(blur_torch(self.t(src), sigma))
+
+    def gs_update(self, x, grad, m, x_in, l1, cfg: ZeroPurConfig) -> None:
+        xt, mt = self.t(x), self.t(m)
+        new_x, new_m = gs_update(xt, self.t(grad), mt, self.t(x_in), cfg)
+        xt.copy_(new_x)
+        mt.copy_(new_m)
+
+    def ap_update(self, x, grad, x_in, cfg: ZeroPurConfig) -> None:
+        xt = self.t(x)
+        xt.copy_(ap_update(xt, self.t(grad), self.t(x_in), cfg))
+
+    def close(self) -> None:
+        pass
 
 
 class ReferencePurifier:
-    """ZeroPur in PyTorch, eager. ``ap_mode='recompute'`` reproduces the released code's cost."""
+    """ZeroPur in PyTorch: the runtime's one loop (``zeropur_rt.schedule``) over the reference's losses
+    (``TorchRunner``) and its torch update twins, in the victim's precision (float64 for the truth).
+    ``ap_mode='recompute'`` reproduces the released code's cost."""
 
     def __init__(self, victim: Victim, cfg: ZeroPurConfig, ap_mode: APMode = "lean"):
-        if ap_mode not in ("lean", "recompute"):
-            raise ValueError(f"ap_mode must be 'lean' or 'recompute', got {ap_mode!r}")
+        from zeropur_export.torch_runner import TorchRunner
+        from zeropur_rt.pipeline import Purifier
         if cfg.ap_steps > 0 and not victim.spec.supports_ap:
             raise ValueError(f"{victim.name} declares no ILA/LPIPS taps (Guided Shift only): set ap_steps=0")
         self.victim, self.cfg, self.ap_mode = victim, cfg, ap_mode
+        device = "cpu" if victim.mean.device.type == "cpu" else f"cuda:{victim.mean.device.index or 0}"
+        self.runner = TorchRunner(victim, cfg, device, ap_mode=ap_mode)
+        self.pipeline = Purifier(self.runner, TorchKernels(self.runner.tensor), cfg, input_shape=victim.spec.input_shape,
+                                 batch={"min": 1, "max": 1 << 30}, has_ap=victim.spec.supports_ap, cuda_graph=False)
 
     def gs_grad(self, x: torch.Tensor, x_blur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return input_grad(lambda v: gs_loss(self.victim, v, x_blur), x)
@@ -211,43 +232,26 @@ class ReferencePurifier:
         with torch.no_grad():
             return ap_constants(self.victim, x_in, coarse, self.cfg)
 
-    def ap_grad(self, fine: torch.Tensor, c: APConstants, x_in: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        if self.ap_mode == "lean":
-            return input_grad(lambda v: ap_loss(self.victim, v, c, self.cfg), fine)[0]
-        return input_grad(lambda v: ap_loss_recompute(self.victim, v, x_in, coarse, self.cfg), fine)[0]
+    def ap_grad(self, fine: torch.Tensor, c: APConstants) -> torch.Tensor:
+        return input_grad(lambda v: ap_loss(self.victim, v, c, self.cfg), fine)[0]
 
-    def guided_shift(self, x_in: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
-        cfg = self.cfg
-        x, m = x_in.clone(), torch.zeros_like(x_in)
-        for _ in range(cfg.gs_steps):
-            if trace is not None:
-                trace.gs_x.append(x)
-                trace.gs_m.append(m)
-            g, _ = self.gs_grad(x, blur_torch(x, cfg.blur_sigma))
-            x, m = gs_update(x, g, m, x_in, cfg)
-        return x
+    def _out(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.victim.mean.device)
 
-    def adaptive_projection(self, x_in: torch.Tensor, coarse: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
-        cfg = self.cfg
-        c = self.ap_setup(x_in, coarse) if self.ap_mode == "lean" else None
-        fine = x_in.clone()
-        for _ in range(cfg.ap_steps):
-            if trace is not None:
-                trace.ap_x.append(fine)
-            fine = ap_update(fine, self.ap_grad(fine, c, x_in, coarse), x_in, cfg)
-        return fine
+    def purify(self, x: torch.Tensor, iterates: bool = False):
+        """Purified images (the AP output; the GS output when ``ap_steps == 0``), as a tensor on the
+        victim's device; with ``iterates=True`` also the run's ``zeropur_rt.pipeline.Iterates``."""
+        out = self.pipeline.purify(self._host(x), iterates=iterates)
+        return (self._out(out[0]), out[1]) if iterates else self._out(out)
 
-    def purify(self, x: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
-        """Purified images (the AP output; the GS output when ``ap_steps == 0``)."""
-        check_images(x, self.victim.spec.input_shape)
-        x_in = x.detach().to(self.victim.mean.device)
-        coarse = self.guided_shift(x_in, trace)
-        if trace is not None:
-            trace.coarse = coarse
-        if self.cfg.ap_steps == 0:
-            return coarse
-        return self.adaptive_projection(x_in, coarse, trace)
+    def project(self, x_in: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """Adaptive Projection alone, along a given Guided Shift result."""
+        return self._out(self.pipeline.project(self._host(x_in), self._host(coarse)))
+
+    @staticmethod
+    def _host(x: torch.Tensor) -> np.ndarray:
+        return x.detach().to(torch.float32).cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.victim(x).argmax(1)
+        return self.victim(x.to(self.victim.mean.device, self.victim.mean.dtype)).argmax(1)

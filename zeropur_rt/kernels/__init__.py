@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_host_kernels", "KERNEL_SOURCE", "KERNEL_HEADER"]
-
-KERNEL_SOURCE = "zeropur_kernels.cu"
-KERNEL_HEADER = "zeropur_kernels.h"
+__all__ = ["load_host_kernels"]
 
 
 def load_host_kernels(path: Any = None) -> Any:

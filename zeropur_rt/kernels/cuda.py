@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from zeropur_rt.blur import BoxBlurWeights
+from zeropur_rt.cuda_driver import cu_check, cu_errstr, import_driver, release_primary_context, usable_current_context
 from zeropur_rt.kernels import numpy_twin as _twin
 
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -52,50 +53,8 @@ KERNEL_NAMES = ("zp_gs_update_kernel", "zp_l1_kernel", "zp_ap_update_kernel", "z
 NVRTC_OPTIONS = ("--fmad=false", "--std=c++11")
 
 
-def cu_errstr(drv: Any, err: Any) -> str:
-    """A CUresult's name and description (best effort)."""
-    try:
-        _, s = drv.cuGetErrorString(err)
-        return f"{getattr(err, 'name', err)} ({s.decode() if isinstance(s, bytes) else s})"
-    except Exception:  # noqa: BLE001
-        return str(err)
-
-
-def cu_check(drv: Any, result: Any, what: str, error: type[Exception]) -> Any:
-    """Unpack a cuda.bindings driver call's (CUresult, values...) tuple, raising ``error`` on failure."""
-    err = result[0] if isinstance(result, tuple) else result
-    if err != drv.CUresult.CUDA_SUCCESS:
-        raise error(f"{what} failed: {cu_errstr(drv, err)}")
-    if not isinstance(result, tuple) or len(result) == 1:
-        return None
-    return result[1] if len(result) == 2 else result[1:]
-
-
 class CudaKernelError(RuntimeError):
     pass
-
-
-def usable_current_context(drv: Any) -> Any:
-    """The thread's current context, or None when there is none or it was destroyed.
-
-    A primary context destroyed by its last cuDevicePrimaryCtxRelease stays current on the
-    thread; cuCtxGetDevice still answers for it, calls that need the context fail with
-    CUDA_ERROR_CONTEXT_IS_DESTROYED (seen on an H100, driver 580).
-    """
-    err, cur = drv.cuCtxGetCurrent()
-    if err != drv.CUresult.CUDA_SUCCESS or cur is None or int(cur) == 0:
-        return None
-    return cur if drv.cuMemGetInfo()[0] == drv.CUresult.CUDA_SUCCESS else None
-
-
-def release_primary_context(drv: Any, dev: Any, ctx: Any) -> None:
-    """Release a retained primary context; if that destroyed it, do not leave it current on this thread."""
-    drv.cuDevicePrimaryCtxRelease(dev)
-    err, _flags, active = drv.cuDevicePrimaryCtxGetState(dev)
-    if err == drv.CUresult.CUDA_SUCCESS and not active:
-        err, cur = drv.cuCtxGetCurrent()
-        if err == drv.CUresult.CUDA_SUCCESS and cur is not None and int(cur) == int(ctx):
-            drv.cuCtxSetCurrent(drv.CUcontext(0))
 
 
 # ------------------------------------------------------------------ sources
@@ -165,10 +124,11 @@ def fatbin_fits(archs: tuple[list[int], int | None] | None, cc: tuple[int, int])
 
 
 def _import_cuda_python() -> tuple[Any, Any]:
+    driver = import_driver()
     try:
-        from cuda.bindings import driver, nvrtc  # cuda-python >= 12.6
+        from cuda.bindings import nvrtc  # cuda-python >= 12.6
     except ImportError:
-        from cuda import cuda as driver, nvrtc  # type: ignore[no-redef]  # older cuda-python
+        from cuda import nvrtc  # type: ignore[no-redef]  # older cuda-python
     return driver, nvrtc
 
 

@@ -1,0 +1,196 @@
+"""The torch runner: the reference's own loss functions under torch autograd, behind the runtime's Runner.
+
+It is the oracle's side of every comparison and the GPU path where no TensorRT is installed:
+
+* on the CPU its buffers are numpy arrays (shared with torch, no copies), so it runs with the host kernels
+  or with the reference's torch twins of the kernels (``reference.TorchKernels``);
+* on CUDA its buffers are torch tensors on the device, its kernels our CUDA kernels launched on torch's
+  current stream, and ``capture`` records the whole loop into a ``torch.cuda.CUDAGraph``.
+
+Build time only (it needs torch and the victim); the deploy-time pipeline takes it like any runner:
+``load_purifier(artifact_dir, device="cuda")``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from zeropur_export import reference as ref
+from zeropur_export.taps import Victim
+from zeropur_rt.config import ZeroPurConfig
+from zeropur_rt.cuda_driver import parse_device
+from zeropur_rt.runners.base import DeviceBuffer, HostMemory
+
+GRAPHS = ("classifier", "gs_grad", "ap_setup", "ap_grad")
+
+
+class _TorchReplay:
+    def __init__(self, graph: Any):
+        self.graph = graph
+
+    def launch(self) -> None:
+        self.graph.replay()
+
+    def close(self) -> None:
+        self.graph = None
+
+
+class TorchRunner(HostMemory):
+    """``ap_mode="recompute"`` makes every AP step recompute its constants with its own forwards: the
+    released code's cost, for the latency baseline."""
+
+    name = "torch"
+
+    def __init__(self, victim: Victim, cfg: ZeroPurConfig, device: str = "cpu", *, ap_mode: ref.APMode = "lean",
+                 threads: int | None = None):
+        if ap_mode not in ("lean", "recompute"):
+            raise ValueError(f"ap_mode must be 'lean' or 'recompute', got {ap_mode!r}")
+        self.device = str(device)
+        ordinal = parse_device(self.device)
+        self.on_device = ordinal is not None
+        if self.on_device and not torch.cuda.is_available():
+            raise ValueError(f"the torch runner on {device!r} needs a GPU and a CUDA build of torch; this torch "
+                             f"({torch.__version__}) sees no CUDA device: use device='cpu'")
+        if threads:
+            torch.set_num_threads(threads)
+        self.dev = torch.device("cuda", ordinal) if self.on_device else torch.device("cpu")
+        self.victim = victim.to(self.dev)
+        self.cfg, self.ap_mode = cfg, ap_mode
+        self.dtype = victim.mean.dtype
+        self._np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
+        self._recompute: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- buffers: numpy on the host (torch views them), torch tensors on a device
+    def tensor(self, buf: Any) -> torch.Tensor:
+        return buf.owner if isinstance(buf, DeviceBuffer) else torch.from_numpy(buf)
+
+    def alloc(self, shape: tuple[int, ...], name: str) -> Any:
+        if not self.on_device:
+            return np.zeros(shape, self._np_dtype)
+        t = torch.zeros(shape, dtype=self.dtype, device=self.dev)
+        return DeviceBuffer(t.data_ptr(), tuple(t.shape), t)
+
+    def copy(self, dst: Any, src: Any) -> None:
+        self.tensor(dst).copy_(self.tensor(src))
+
+    def zero(self, buf: Any) -> None:
+        self.tensor(buf).zero_()
+
+    def upload(self, dst: Any, src: np.ndarray) -> None:
+        self.tensor(dst).copy_(torch.from_numpy(np.ascontiguousarray(src)))
+
+    def download(self, src: Any) -> np.ndarray:
+        return self.tensor(src).detach().cpu().numpy().copy()
+
+    def sync(self) -> None:
+        if self.on_device:
+            torch.cuda.synchronize(self.dev)
+
+    # -- graphs
+    def output_shapes(self, graph: str, n: int) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:  # one probe at batch 1: every output but the scalar loss scales with the batch
+            v = self.victim
+            with torch.no_grad():
+                x = torch.zeros((1, *v.spec.input_shape), dtype=self.dtype, device=self.dev)
+                logits, taps = v.run(x)
+            s = {"classifier": {"logits": tuple(logits.shape), "embedding": tuple(taps[v.spec.embedding].shape)},
+                 "gs_grad": {"grad": tuple(x.shape), "loss": ()}, "ap_grad": {"grad": tuple(x.shape)}, "ap_setup": {}}
+            if v.spec.supports_ap:
+                c = ref.ap_constants(v, x, x, self.cfg)
+                s["ap_setup"] = {f"ila_dir_{i}": tuple(d.shape) for i, d in enumerate(c.ila_dir)}
+                s["ap_setup"]["lpips_ref"] = tuple(c.lpips_ref.shape)
+            self._shapes = s
+        return {k: ((n, *v[1:]) if v else ()) for k, v in self._shapes[graph].items()}
+
+    def run(self, graph: str, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+        v, t = self.victim, {k: self.tensor(b) for k, b in inputs.items()}
+        if graph == "classifier":
+            with torch.no_grad():
+                logits, taps = v.run(t["x"])
+            results = {"logits": logits, "embedding": taps[v.spec.embedding]}
+        elif graph == "gs_grad":
+            g, loss = ref.input_grad(lambda x: ref.gs_loss(v, x, t["x_blur"]), t["x"])
+            results = {"grad": g, "loss": loss}
+        elif graph == "ap_setup":
+            with torch.no_grad():
+                c = ref.ap_constants(v, t["x_in"], t["coarse"], self.cfg)
+            results = {f"ila_dir_{i}": d for i, d in enumerate(c.ila_dir)} | {"lpips_ref": c.lpips_ref}
+            if self.ap_mode == "recompute":
+                self._recompute = (t["x_in"].clone(), t["coarse"].clone())
+        elif graph == "ap_grad":
+            if self.ap_mode == "recompute":
+                x_in, coarse = self._recompute
+                loss_fn: Callable = lambda f: ref.ap_loss_recompute(v, f, x_in, coarse, self.cfg)  # noqa: E731
+            else:
+                c = ref.APConstants([t[f"ila_dir_{i}"] for i in range(len(v.spec.ila))], t["lpips_ref"])
+                loss_fn = lambda f: ref.ap_loss(v, f, c, self.cfg)  # noqa: E731
+            results = {"grad": ref.input_grad(loss_fn, t["fine"])[0]}
+        else:
+            raise ValueError(f"unknown graph {graph!r}; the graphs are {', '.join(GRAPHS)}")
+        for name, r in results.items():
+            self.tensor(outputs[name]).copy_(r)
+
+    # -- the device loop: our CUDA kernels on torch's stream, captured with torch's work
+    def stream_handle(self) -> int:
+        return torch.cuda.current_stream(self.dev).cuda_stream
+
+    def cuda_kernels(self) -> Any:
+        from zeropur_rt.kernels.cuda import CudaKernels
+        from zeropur_rt.kernels.sets import CudaKernelSet
+        torch.zeros(1, device=self.dev)  # torch makes its primary context current before cuda-python looks
+        with torch.cuda.device(self.dev):
+            return CudaKernelSet(CudaKernels(self.dev.index), self.stream_handle)
+
+    def capture(self, enqueue: Callable[[], None]) -> _TorchReplay | None:
+        if not self.on_device:
+            return None
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(side):
+            enqueue()  # warm-up outside the capture: cuDNN plans, autograd and allocator state
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                enqueue()
+        except RuntimeError as e:
+            warnings.warn(f"CUDA graph capture of the ZeroPur loop failed ({e}); running it without a graph",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        return _TorchReplay(graph)
+
+    def close(self) -> None:
+        self._recompute = None
+
+
+def load_purifier(artifact_dir: str | os.PathLike, device: str = "cpu", *, kernels: str = "auto",
+                  overrides: dict[str, Any] | None = None, cuda_graph: bool = True, victim: Victim | None = None,
+                  weights: str | None = None, threads: int | None = None) -> Any:
+    """A Purifier over an artifact directory whose graphs run as the reference under torch.
+
+    The victim is rebuilt from the manifest's model name and its weights file (whose sha256 must match the
+    manifest), or passed in. On CUDA the loop is device-resident with our CUDA kernels and a CUDA graph.
+    """
+    from zeropur_export.weights import find_weights
+    from zeropur_export.zoo import load_victim
+    from zeropur_rt.config import apply_overrides
+    from zeropur_rt.files import sha256_file
+    from zeropur_rt.manifest import load_manifest
+    from zeropur_rt.pipeline import Purifier
+
+    manifest = load_manifest(Path(artifact_dir))
+    if victim is None:
+        path = weights or find_weights(manifest.model)
+        if manifest.weights_sha256 and sha256_file(path) != manifest.weights_sha256:
+            raise ValueError(f"weights {path} are not the ones this artifact was exported from "
+                             f"(sha256 {manifest.weights_sha256[:12]}…)")
+        victim = load_victim(manifest.model, weights=str(path))
+    cfg = apply_overrides(manifest.zeropur_config, overrides, baked=True)
+    runner = TorchRunner(victim, cfg, device, threads=threads)
+    return Purifier.from_manifest(manifest, runner, kernels, overrides, cuda_graph)

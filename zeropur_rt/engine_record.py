@@ -1,0 +1,204 @@
+"""The engine-record schema: how TensorRT engines are named, recorded in the manifest and selected.
+
+Build time (``zeropur_export.engines``) writes records, deploy time (``zeropur_rt.runners.tensorrt``)
+selects one; both read this module, which needs neither TensorRT nor CUDA. One record per
+(compute capability, TensorRT version, precision) in the manifest's ``engines`` section::
+
+    "engines": {"sm90.trt10.8.fp32": {"compute_capability": "9.0", "tensorrt": "10.8.0.43",
+                                       "precision": "fp32", "batch": {"min": 1, "opt": 32, "max": 256},
+                                       "graphs": {"gs_grad": {"file": "gs_grad.sm90.trt10.8.fp32.engine",
+                                                              "device_memory_bytes": 123, ...}, ...}}}
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from zeropur_rt.manifest import ArtifactError
+
+PRECISIONS = ("fp32", "fp16")
+MIN_TRT_MAJOR = 10
+ENGINE_SUFFIX = ".engine"
+BUILD_CMD = "zeropur-export build-engines {dir}"
+
+
+class EngineMismatchError(ArtifactError):
+    """The artifact has no engine usable on this GPU / TensorRT (or no engines at all)."""
+
+
+class BatchSizeError(ValueError):
+    """A batch outside the engines' optimisation profile."""
+
+
+
+def parse_trt_version(version: str) -> tuple[int, ...]:
+    """``"10.8.0.43"`` -> ``(10, 8, 0, 43)``; at least major.minor."""
+    parts = re.findall(r"\d+", str(version).split("+")[0])
+    if len(parts) < 2:
+        raise ValueError(f"cannot parse TensorRT version {version!r}")
+    return tuple(int(p) for p in parts[:4])
+
+
+def trt_major_minor(version: str) -> str:
+    v = parse_trt_version(version)
+    return f"{v[0]}.{v[1]}"
+
+
+def cc_str(cc: Sequence[int] | str) -> str:
+    """(9, 0) / "9.0" / "sm90" -> "9.0"."""
+    if isinstance(cc, str):
+        m = re.fullmatch(r"(?:sm_?)?(\d+)\.(\d+)", cc.strip()) or re.fullmatch(r"sm_?(\d)(\d+)", cc.strip())
+        if not m:
+            raise ValueError(f"cannot parse compute capability {cc!r}")
+        return f"{int(m.group(1))}.{int(m.group(2))}"
+    major, minor = (int(v) for v in cc)
+    return f"{major}.{minor}"
+
+
+def sm_tag(cc: Sequence[int] | str) -> str:
+    major, minor = cc_str(cc).split(".")
+    return f"sm{major}{minor}"
+
+
+def engine_key(cc: Sequence[int] | str, trt_version: str, precision: str) -> str:
+    """Manifest key of an engine set: ``sm90.trt10.8.fp32``."""
+    check_precision(precision)
+    return f"{sm_tag(cc)}.trt{trt_major_minor(trt_version)}.{precision}"
+
+
+def engine_filename(graph: str, cc: Sequence[int] | str, trt_version: str, precision: str) -> str:
+    """``gs_grad.sm90.trt10.8.fp32.engine``, stored beside the ONNX files."""
+    return f"{graph}.{engine_key(cc, trt_version, precision)}{ENGINE_SUFFIX}"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def versions_compatible(built: str, runtime: str) -> bool:
+    """TensorRT engines load only in the TensorRT version that built them (no version-compatible
+    builds here): major.minor.patch must match; the build number may differ."""
+    return parse_trt_version(built)[:3] == parse_trt_version(runtime)[:3]
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How to build one precision with one TensorRT version.
+
+    ``strongly_typed``: create the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    (TensorRT 11: always on, the flag is accepted and ignored). ``set_flags`` / ``clear_flags``:
+    BuilderFlag names. ``onnx_fp16``: build from an FP16 copy of the ONNX graph (float32 I/O kept).
+    """
+
+    precision: str
+    trt_major: int
+    strongly_typed: bool
+    set_flags: tuple[str, ...]
+    clear_flags: tuple[str, ...]
+    onnx_fp16: bool
+
+    def describe(self) -> str:
+        how = "FP16 copy of the ONNX graph, " if self.onnx_fp16 else ""
+        typed = "strongly typed" if self.strongly_typed else "weakly typed"
+        flags = ", ".join([f"+{f}" for f in self.set_flags] + [f"-{f}" for f in self.clear_flags]) or "no flags"
+        return f"{self.precision} on TensorRT {self.trt_major}: {how}{typed} network, builder flags {flags}"
+
+
+def precision_plan(trt_version: str, precision: str) -> PrecisionPlan:
+    """The build recipe for ``precision`` under TensorRT ``trt_version``.
+
+    TensorRT 10.x: precision comes from builder flags: fp32 = no reduced-precision flag and TF32
+    cleared (TF32 is on by default and rounds conv/matmul inputs to 10-bit mantissas, which breaks
+    fp32 parity); fp16 = BuilderFlag.FP16 on a weakly typed network.
+    https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
+
+    TensorRT 11.x removed the FP16/BF16/INT8 builder flags and the INT8 calibrators; every network
+    is strongly typed and precision comes from the graph's own types. fp32 = the float32 ONNX as is
+    (TF32 still a flag there: cleared); fp16 = an FP16 copy of the ONNX graph with float32 I/O.
+    https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/advanced.html#strongly-typed-networks
+    """
+    check_precision(precision)
+    major = parse_trt_version(trt_version)[0]
+    if major < MIN_TRT_MAJOR:
+        raise ValueError(f"TensorRT {trt_version} is too old: zeropur-rt needs TensorRT >= {MIN_TRT_MAJOR} "
+                         "(name-based I/O, opset 18 ONNX parsing)")
+    if major == 10:
+        if precision == "fp32":
+            return PrecisionPlan("fp32", major, False, (), ("TF32",), False)
+        return PrecisionPlan("fp16", major, False, ("FP16",), (), False)
+    # TensorRT >= 11
+    if precision == "fp32":
+        return PrecisionPlan("fp32", major, True, (), ("TF32",), False)
+    return PrecisionPlan("fp16", major, True, (), (), True)
+
+
+def check_batch(n: int, batch: Mapping[str, int], what: str = "the TensorRT engines") -> int:
+    """``n`` inside [batch["min"], batch["max"]], else a BatchSizeError saying what to do."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise BatchSizeError(f"batch size must be an integer, got {n!r}")
+    n = int(n)
+    lo, hi = int(batch["min"]), int(batch["max"])
+    if n > hi:
+        raise BatchSizeError(f"batch of {n} images exceeds the maximum batch {hi} of {what}' optimisation profile: "
+                             f"split the input into batches of at most {hi}, or re-export with a larger --max-batch "
+                             "and rebuild the engines (zeropur-export build-engines DIR)")
+    if n < lo:
+        raise BatchSizeError(f"batch of {n} images is below the minimum batch {lo} of {what}' optimisation profile: "
+                             f"pad the batch to {lo}, or re-export with --min-batch {max(1, n)} and rebuild the engines")
+    return n
+
+
+def _describe_record(key: str, rec: Mapping[str, Any]) -> str:
+    return (f"{key} (sm{cc_str(rec.get('compute_capability', '?.?')).replace('.', '')}, "
+            f"TensorRT {rec.get('tensorrt', '?')}, {rec.get('precision', '?')})")
+
+
+def select_engines(engines: Mapping[str, Any], cc: Sequence[int] | str, trt_version: str, *,
+                   precision: str | None = None, graphs: Iterable[str] = (), batch: Mapping[str, int] | None = None,
+                   artifact_dir: str | os.PathLike | None = None) -> tuple[str, dict[str, Any]]:
+    """Pick the manifest engine record usable on this GPU and TensorRT, or refuse with how to rebuild.
+
+    ``engines``: the manifest's ``engines`` section. ``cc``: this GPU's compute capability.
+    ``precision``: the one wanted, or None = fp32 if present, else fp16. ``graphs``: graphs that
+    must be in the record. ``batch``: the manifest's batch range, which the record must equal.
+    Returns (key, record).
+    """
+    where = str(artifact_dir) if artifact_dir is not None else "DIR"
+    rebuild = f"rebuild them on this machine with `{BUILD_CMD.format(dir=where)}`"
+    if precision is not None:
+        check_precision(precision)
+        rebuild += f" --precision {precision}" if precision != "fp32" else ""
+    want_cc = cc_str(cc)
+    here = f"this machine has an sm{want_cc.replace('.', '')} GPU and TensorRT {trt_version}"
+    if not engines:
+        raise EngineMismatchError(f"{where} has no TensorRT engines; {rebuild}")
+    usable, seen = [], []
+    for key, rec in engines.items():
+        if not isinstance(rec, Mapping):
+            raise EngineMismatchError(f"engine record {key!r} in {where} is malformed; {rebuild}")
+        seen.append(_describe_record(key, rec))
+        try:
+            same_cc = cc_str(rec["compute_capability"]) == want_cc
+            same_trt = versions_compatible(str(rec["tensorrt"]), trt_version)
+        except (KeyError, ValueError, TypeError):
+            continue
+        if same_cc and same_trt and (precision is None or rec.get("precision") == precision):
+            usable.append((key, rec))
+    if not usable:
+        raise EngineMismatchError(f"the TensorRT engines in {where} were built for {', '.join(seen)}; {here}. "
+                                  f"Engines run only on the GPU architecture and TensorRT version that built them: {rebuild}")
+    usable.sort(key=lambda kr: PRECISIONS.index(kr[1].get("precision", "fp32")) if kr[1].get("precision") in PRECISIONS else 9)
+    key, rec = usable[0]
+    missing = sorted(set(graphs) - set(rec.get("graphs", {})))
+    if missing:
+        raise EngineMismatchError(f"engine set {key} in {where} lacks the graphs {missing}; {rebuild}")
+    if batch is not None and {k: int(v) for k, v in rec.get("batch", {}).items()} != {k: int(v) for k, v in batch.items()}:
+        raise EngineMismatchError(f"engine set {key} in {where} was built for batch range {rec.get('batch')}, the "
+                                  f"artifact's is {dict(batch)} (re-exported since?); {rebuild}")
+    return key, dict(rec)

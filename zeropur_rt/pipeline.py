@@ -1,0 +1,239 @@
+"""Purifier: the pipeline that joins a runner, a kernel set and the schedule.
+
+    pur = Purifier.load("artifacts/resnet20")                          # ONNX Runtime on the CPU, host kernels
+    pur = Purifier.load("artifacts/resnet20", backend="tensorrt")      # TensorRT engines, CUDA kernels, CUDA graph
+    x_pure, pred = pur.purify_and_classify(x)                          # NCHW float32 in [0, 1]
+
+Every backend runs the same loop (``zeropur_rt.schedule``). Host runners run it eagerly on numpy
+buffers. Device runners keep every tensor on the GPU: the input is uploaded once, the result and the
+logits downloaded once, and the loop of each batch size is captured into a CUDA graph after its first
+(eager) run and replayed from then on. Timings and iterates need the eager loop, so they never replay.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from zeropur_rt import schedule
+from zeropur_rt.config import ZeroPurConfig, apply_overrides
+from zeropur_rt.engine_record import check_batch
+from zeropur_rt.manifest import Manifest, load_manifest
+from zeropur_rt.schedule import LoopBuffers, StageTimes
+from zeropur_rt.validate import check_images
+
+
+@dataclass
+class Iterates:
+    """One purification's iterates (host copies): ``gs_x[t]`` / ``ap_x[t]`` is the input of GS / AP step t."""
+
+    gs_x: list[np.ndarray] = field(default_factory=list)
+    coarse: np.ndarray | None = None
+    ap_x: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class _BatchState:
+    bufs: LoopBuffers
+    replay: Any = None  # the captured loop, once there is one
+    capture_failed: bool = False
+
+
+def make_kernels(kind: str, runner: Any) -> Any:
+    """The kernel set for a runner's buffers: host kernels for host runners, CUDA kernels on a device."""
+    if not getattr(runner, "on_device", False):
+        from zeropur_rt.kernels.sets import host_kernels
+        return host_kernels(kind)
+    if kind not in ("auto", "cuda"):
+        raise ValueError(f"kernels={kind!r} run on the host; a device runner uses kernels='cuda' (or 'auto')")
+    return runner.cuda_kernels()
+
+
+class Purifier:
+    def __init__(self, runner: Any, kernels: Any, cfg: ZeroPurConfig, *, input_shape: tuple[int, int, int],
+                 batch: Mapping[str, int], has_ap: bool, manifest: Manifest | None = None, cuda_graph: bool = True,
+                 max_cached_batches: int = 4):
+        if cfg.ap_steps > 0 and not has_ap:
+            raise ValueError("this victim has no Adaptive Projection graphs (Guided Shift only): use ap_steps=0")
+        self.runner, self.kernels, self.cfg, self.manifest = runner, kernels, cfg, manifest
+        self.chw = tuple(int(v) for v in input_shape)
+        self.batch = {k: int(v) for k, v in batch.items()}
+        self.max_batch = self.batch["max"]
+        self.has_ap = has_ap
+        self.cuda_graph = bool(cuda_graph) and getattr(runner, "on_device", False)
+        self.max_cached_batches = max(1, int(max_cached_batches))
+        self._states: OrderedDict[int, _BatchState] = OrderedDict()
+
+    @classmethod
+    def load(cls, artifact_dir: str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
+             kernels: str = "auto", threads: int | None = None, overrides: dict[str, Any] | None = None,
+             cuda_graph: bool = True, **runner_kwargs: Any) -> "Purifier":
+        """Verify the artifact directory (manifest + every file hash), then build the runner and kernels.
+
+        ``device``: "cpu" (default for onnxruntime) or "cuda[:N]" (default for tensorrt). ``overrides``
+        changes loop parameters (steps, eps, step sizes, sigma) without re-export; the loss weights baked
+        into the graphs are refused.
+        """
+        from zeropur_rt.runners import load_runner
+        d = Path(artifact_dir)
+        manifest = load_manifest(d)
+        device = device or ("cuda" if backend == "tensorrt" else "cpu")
+        runner = load_runner(backend, d, manifest, device, threads, **runner_kwargs)
+        try:
+            return cls.from_manifest(manifest, runner, kernels, overrides, cuda_graph)
+        except BaseException:
+            runner.close()
+            raise
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, runner: Any, kernels: str = "auto",
+                      overrides: dict[str, Any] | None = None, cuda_graph: bool = True) -> "Purifier":
+        """A purifier over an artifact's graphs on any runner (the build-time torch runner included)."""
+        cfg = apply_overrides(manifest.zeropur_config, overrides, baked=True)
+        return cls(runner, make_kernels(kernels, runner), cfg, input_shape=manifest.input_shape, batch=manifest.batch,
+                   has_ap="ap_grad" in manifest.graphs, manifest=manifest, cuda_graph=cuda_graph)
+
+    # ------------------------------------------------------------------ input handling
+    def prepare(self, x: Any, uint8_nhwc: bool = False) -> np.ndarray:
+        """A validated, contiguous float32 NCHW copy of the input."""
+        if uint8_nhwc:
+            arr = np.asarray(x)
+            if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != self.chw[0]:
+                raise ValueError(f"uint8_nhwc=True needs uint8 (N, H, W, {self.chw[0]}) images, got {arr.dtype} {arr.shape}")
+            x = arr.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
+        elif not isinstance(x, np.ndarray):
+            x = _to_numpy(x)
+        check_images(x, self.chw, self.max_batch)
+        check_batch(len(x), self.batch, "this artifact")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _state(self, n: int) -> _BatchState:
+        st = self._states.get(n)
+        if st is not None:
+            self._states.move_to_end(n)
+            return st
+        while len(self._states) >= self.max_cached_batches:
+            self._release(self._states.popitem(last=False)[1])
+        st = self._states[n] = _BatchState(schedule.allocate(self.runner, n, self.chw, self.has_ap))
+        return st
+
+    def _release(self, st: _BatchState) -> None:
+        if st.replay is not None:
+            st.replay.close()
+        self.runner.release(st.bufs)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self, x_in: np.ndarray, classify: bool, timings: bool, iterates: bool
+              ) -> tuple[np.ndarray, np.ndarray | None, StageTimes | None, Iterates | None]:
+        r, k, cfg = self.runner, self.kernels, self.cfg
+        st = self._state(len(x_in))
+        b = st.bufs
+        r.upload(b.x_in, x_in)
+        clock = StageTimes(r.sync if r.on_device else None) if timings else schedule.NO_CLOCK
+        trace = Iterates() if iterates else None
+        observe = None
+        if trace is not None:
+            def observe(stage: str, t: int, buf: Any) -> None:
+                a = r.download(buf)
+                if stage == "coarse":
+                    trace.coarse = a
+                else:
+                    (trace.gs_x if stage == "gs" else trace.ap_x).append(a)
+        eager = timings or iterates or not self.cuda_graph or st.capture_failed
+        if st.replay is not None and not eager:
+            st.replay.launch()
+            out = b.fine if cfg.ap_steps else b.x
+        else:
+            out = schedule.purify(r, k, b, cfg, clock, observe)
+        logits = None
+        if classify:
+            schedule.classify(r, b, out)
+            clock.lap("classify")
+            logits = r.download(b.logits)
+        result = r.download(out)
+        if st.replay is None and not eager:
+            # the eager run was the warm-up TensorRT and cuDNN need before a capture
+            st.replay = r.capture(lambda: schedule.purify(r, k, b, cfg))
+            st.capture_failed = st.replay is None
+        return result, logits, (clock if timings else None), trace
+
+    def purify(self, x: Any, uint8_nhwc: bool = False, timings: bool = False, iterates: bool = False) -> Any:
+        """Purified images (float32 NCHW, host), then the StageTimes and/or Iterates when asked for."""
+        out, _, st, tr = self._loop(self.prepare(x, uint8_nhwc), False, timings, iterates)
+        return _pack(out, timings and st, iterates and tr)
+
+    def purify_and_classify(self, x: Any, uint8_nhwc: bool = False, timings: bool = False,
+                            iterates: bool = False) -> Any:
+        """(purified images, predicted classes[, StageTimes][, Iterates])."""
+        out, logits, st, tr = self._loop(self.prepare(x, uint8_nhwc), True, timings, iterates)
+        return _pack((out, logits.argmax(1)), timings and st, iterates and tr)
+
+    def project(self, x: Any, coarse: Any) -> np.ndarray:
+        """Adaptive Projection alone, from ``x`` along a given Guided Shift result ``coarse`` (eager)."""
+        x_in, c = self.prepare(x), self.prepare(coarse)
+        if x_in.shape != c.shape:
+            raise ValueError(f"coarse images {c.shape} do not match the inputs {x_in.shape}")
+        if self.cfg.ap_steps == 0:
+            return c
+        b = self._state(len(x_in)).bufs
+        self.runner.upload(b.x_in, x_in)
+        self.runner.upload(b.x, c)
+        schedule.adaptive_projection(self.runner, self.kernels, b, self.cfg)
+        return self.runner.download(b.fine)
+
+    def logits(self, x: Any) -> np.ndarray:
+        x_in = self.prepare(x)
+        b = self._state(len(x_in)).bufs
+        self.runner.upload(b.x_in, x_in)
+        schedule.classify(self.runner, b, b.x_in)
+        return self.runner.download(b.logits)
+
+    def classify(self, x: Any, uint8_nhwc: bool = False) -> np.ndarray:
+        """Predicted classes of the (unpurified) images."""
+        return self.logits(self.prepare(x, uint8_nhwc)).argmax(1)
+
+    def graph_captured(self, n: int) -> bool:
+        st = self._states.get(n)
+        return st is not None and st.replay is not None
+
+    def close(self) -> None:
+        """Free every buffer, captured graph, kernel module and the runner (idempotent)."""
+        if self.runner is None:
+            return
+        try:
+            self.runner.sync()
+        finally:
+            for st in self._states.values():
+                self._release(st)
+            self._states.clear()
+            self.kernels.close()
+            self.runner.close()
+            self.runner = None
+
+    def __enter__(self) -> "Purifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _pack(main: Any, times: Any, trace: Any) -> Any:
+    extra = tuple(v for v in (times, trace) if v)
+    if not extra:
+        return main
+    return (*main, *extra) if isinstance(main, tuple) else (main, *extra)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """Torch tensors and DLPack producers on the CPU, without a copy where possible."""
+    if type(x).__module__.startswith("torch"):
+        if x.device.type != "cpu":
+            raise ValueError(f"images on {x.device}: pass host images (x.cpu()); the purifier uploads them itself")
+        return x.detach().numpy()
+    if hasattr(x, "__dlpack__"):
+        return np.from_dlpack(x)
+    return np.asarray(x)

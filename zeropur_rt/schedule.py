@@ -1,0 +1,186 @@
+"""The ZeroPur loop, written once for every backend.
+
+    blur -> gs_grad -> gs_update      (x gs_steps)    Guided Shift
+    ap_setup                          (once)
+    ap_grad -> ap_update              (x ap_steps)    Adaptive Projection
+
+The schedule issues operations on two small interfaces and never knows which backend it drives:
+
+* a ``Runner`` executes one exported graph on its own buffers, and owns the memory those buffers
+  live in (host arrays, device pointers, torch tensors) and, on a GPU, the stream and CUDA-graph capture;
+* a ``KernelSet`` launches our kernels (blur, GS update, AP update) on those buffers: the host library
+  or numpy twin, the CUDA kernels, or the reference's torch twins.
+
+Every backend (ONNX Runtime on the CPU or a GPU, torch, TensorRT) is a runner plus a kernel set.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from zeropur_rt.config import ZeroPurConfig
+
+Buffer = Any  # whatever the runner allocates: a numpy array, a device buffer, a torch tensor
+STAGES = ("blur", "gs_engine", "gs_update", "ap_setup", "ap_engine", "ap_update", "classify")
+
+
+class Runner(Protocol):
+    """Executes exported graphs on buffers it allocates. Host runners: numpy buffers, no capture."""
+
+    name: str
+    device: str
+
+    def alloc(self, shape: tuple[int, ...], name: str) -> Buffer: ...
+    def run(self, graph: str, inputs: Mapping[str, Buffer], outputs: Mapping[str, Buffer]) -> None: ...
+    def output_shapes(self, graph: str, n: int) -> dict[str, tuple[int, ...]]: ...
+    def copy(self, dst: Buffer, src: Buffer) -> None: ...
+    def zero(self, buf: Buffer) -> None: ...
+    def upload(self, dst: Buffer, src: np.ndarray) -> None: ...
+    def download(self, src: Buffer) -> np.ndarray: ...
+    def sync(self) -> None: ...
+    def capture(self, enqueue: Callable[[], None]) -> Callable[[], None] | None: ...
+    def release(self, bufs: "LoopBuffers") -> None: ...
+    def close(self) -> None: ...
+
+
+class KernelSet(Protocol):
+    """Our kernels on a runner's buffers (in place)."""
+
+    name: str
+
+    def blur(self, src: Buffer, dst: Buffer, sigma: float) -> None: ...
+    def gs_update(self, x: Buffer, grad: Buffer, m: Buffer, x_in: Buffer, l1: Buffer, cfg: ZeroPurConfig) -> None: ...
+    def ap_update(self, x: Buffer, grad: Buffer, x_in: Buffer, cfg: ZeroPurConfig) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class LoopBuffers:
+    """Every tensor of one batch size's loop. A captured CUDA graph bakes these addresses in."""
+
+    n: int
+    x_in: Buffer  # the input images
+    x: Buffer  # the Guided Shift iterate; after GS, the coarse image
+    x_blur: Buffer
+    m: Buffer  # GS momentum
+    l1: Buffer  # per-sample L1 norms (device scratch of the GS update)
+    gs_grad: Buffer
+    gs_loss: Buffer
+    logits: Buffer
+    embedding: Buffer
+    fine: Buffer = None  # the Adaptive Projection iterate
+    ap_grad: Buffer = None
+    ap_consts: dict[str, Buffer] = field(default_factory=dict)  # ap_setup's outputs, ap_grad's inputs
+
+    def items(self) -> list[tuple[str, Buffer]]:
+        named = [(k, v) for k, v in vars(self).items() if k not in ("n", "ap_consts") and v is not None]
+        return named + list(self.ap_consts.items())
+
+
+def allocate(runner: Runner, n: int, chw: tuple[int, int, int], has_ap: bool) -> LoopBuffers:
+    """The loop's buffers for batch ``n``, shaped by the runner's graphs."""
+    img = (n, *chw)
+    gs = runner.output_shapes("gs_grad", n)
+    cls = runner.output_shapes("classifier", n)
+    b = LoopBuffers(n=n, x_in=runner.alloc(img, "x_in"), x=runner.alloc(img, "x"), x_blur=runner.alloc(img, "x_blur"),
+                    m=runner.alloc(img, "m"), l1=runner.alloc((n,), "l1"), gs_grad=runner.alloc(gs["grad"], "gs_grad"),
+                    gs_loss=runner.alloc(gs["loss"], "gs_loss"), logits=runner.alloc(cls["logits"], "logits"),
+                    embedding=runner.alloc(cls["embedding"], "embedding"))
+    if has_ap:
+        b.fine = runner.alloc(img, "fine")
+        b.ap_grad = runner.alloc(runner.output_shapes("ap_grad", n)["grad"], "ap_grad")
+        b.ap_consts = {k: runner.alloc(s, k) for k, s in runner.output_shapes("ap_setup", n).items()}
+    return b
+
+
+class StageTimes:
+    """Seconds per stage. Laps are host wall clock; on a device the runner is synchronised first, so a
+    timed run is slower than an untimed one (and never captured into a CUDA graph)."""
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._sync = sync
+        self._t = time.perf_counter()
+
+    def start(self) -> None:
+        if self._sync:
+            self._sync()
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self._sync:
+            self._sync()
+        t = time.perf_counter()
+        self.seconds[stage] += t - self._t
+        self._t = t
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
+class _NoClock:
+    def start(self) -> None: ...
+    def lap(self, stage: str) -> None: ...
+
+
+NO_CLOCK = _NoClock()
+Observer = Callable[[str, int, Buffer], None]  # (stage "gs" | "coarse" | "ap", step, the iterate's buffer)
+
+
+def guided_shift(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,
+                 clock: Any = NO_CLOCK, observe: Observer | None = None) -> None:
+    """Guided Shift: leaves the coarse image in ``b.x``. ``observe("gs", t, x)`` sees the input of step t,
+    ``observe("coarse", gs_steps, x)`` the result."""
+    runner.copy(b.x, b.x_in)
+    runner.zero(b.m)
+    gs_in, gs_out = {"x": b.x, "x_blur": b.x_blur}, {"grad": b.gs_grad, "loss": b.gs_loss}
+    for t in range(cfg.gs_steps):
+        if observe:
+            observe("gs", t, b.x)
+        kernels.blur(b.x, b.x_blur, cfg.blur_sigma)
+        clock.lap("blur")
+        runner.run("gs_grad", gs_in, gs_out)
+        clock.lap("gs_engine")
+        kernels.gs_update(b.x, b.gs_grad, b.m, b.x_in, b.l1, cfg)
+        clock.lap("gs_update")
+    if observe:
+        observe("coarse", cfg.gs_steps, b.x)
+
+
+def adaptive_projection(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,
+                        clock: Any = NO_CLOCK, observe: Observer | None = None) -> None:
+    """Adaptive Projection from ``b.x_in`` along the coarse image in ``b.x``: leaves the result in ``b.fine``.
+    ``observe("ap", t, fine)`` sees the input of step t."""
+    runner.run("ap_setup", {"x_in": b.x_in, "coarse": b.x}, b.ap_consts)
+    runner.copy(b.fine, b.x_in)
+    clock.lap("ap_setup")
+    ap_in, ap_out = {"fine": b.fine, **b.ap_consts}, {"grad": b.ap_grad}
+    for t in range(cfg.ap_steps):
+        if observe:
+            observe("ap", t, b.fine)
+        runner.run("ap_grad", ap_in, ap_out)
+        clock.lap("ap_engine")
+        kernels.ap_update(b.fine, b.ap_grad, b.x_in, cfg)
+        clock.lap("ap_update")
+
+
+def purify(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,
+           clock: Any = NO_CLOCK, observe: Observer | None = None) -> Buffer:
+    """The whole loop on ``b.x_in``; returns the buffer holding the purified images (the coarse image
+    when ``ap_steps == 0``)."""
+    clock.start()
+    guided_shift(runner, kernels, b, cfg, clock, observe)
+    if cfg.ap_steps == 0:
+        return b.x
+    adaptive_projection(runner, kernels, b, cfg, clock, observe)
+    return b.fine
+
+
+def classify(runner: Runner, b: LoopBuffers, images: Buffer) -> None:
+    """The victim's logits of ``images`` into ``b.logits``."""
+    runner.run("classifier", {"x": images}, {"logits": b.logits, "embedding": b.embedding})
