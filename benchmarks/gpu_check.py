@@ -3,15 +3,16 @@
     python -m benchmarks.gpu_check [--out runs/gpu_check] [--models resnet20 resnet56] [--batches 1 256]
 
 1. CUDA kernels == host twin, bit for bit (pytest tests/gpu/test_cuda_kernels.py).
-2. torch-CUDA gradients + our CUDA kernels, the full loop on the device (``TorchCudaLoop``):
-   pytest tests/gpu/test_torch_cuda_loop.py; eager vs CUDA graph bit for bit and vs the host-kernel
-   loop on 64 images; vs the torch reference on ``--parity-n`` real images, clean and PGD-20.
+2. The torch runner on CUDA + our CUDA kernels, the full loop on the device (the one pipeline):
+   pytest tests/gpu/test_torch_cuda_loop.py; eager vs CUDA graph bit for bit and vs the reference's
+   torch kernels on the same runner, 64 images; vs the torch reference on ``--parity-n`` real images,
+   clean and PGD-20. tests/test_loop.py runs the shared loop tests on every runner the GPU adds.
 3. TensorRT, if importable: pytest tests/gpu/test_tensorrt.py (engine builds, FP32 parity, Purifier
-   vs torch reference, device loop, CUDA graph replay bit for bit); onnxruntime's CUDA / TensorRT
-   execution providers where onnxruntime-gpu is installed: pytest tests/gpu/test_onnxruntime_gpu.py.
+   vs torch reference, CUDA graph replay bit for bit); onnxruntime's CUDA / TensorRT execution
+   providers where onnxruntime-gpu is installed: pytest tests/gpu/test_onnxruntime_gpu.py.
 4. Latency per (model, batch): the released-code-cost torch reference (``ap_mode="recompute"``) on
-   this GPU, the lean torch reference, torch-CUDA + our kernels (eager and CUDA graph), and on
-   TensorRT the host loop and the device loop with a CUDA graph -- all in this run, on this GPU.
+   this GPU, the lean torch reference, the torch runner + our kernels (eager and CUDA graph), and
+   TensorRT's device loop, eager and with a CUDA graph -- all in this run, on this GPU.
 
 Without a GPU it prints why and exits 0 (the report says ``skipped``).
 """
@@ -68,23 +69,28 @@ def _fp32(deterministic: bool) -> None:
 
 
 def check_device_loop(art: Path, x: np.ndarray) -> dict[str, Any]:
-    """torch-CUDA + our kernels: eager vs CUDA graph (bit for bit), and vs the host-kernel loop on the same GPU."""
-    from zeropur_rt.backend_torch_cuda import TorchCudaLoop
-    from zeropur_rt.purifier import Purifier
+    """Torch runner + our CUDA kernels: eager vs CUDA graph (bit for bit), and vs the reference's torch
+    kernels on the same GPU gradients."""
+    from zeropur_export.reference import TorchKernels
+    from zeropur_export.torch_runner import load_purifier
+    from zeropur_rt.pipeline import Purifier
 
     _fp32(deterministic=True)
-    pur = Purifier.load(art, backend="torch", device="cuda")
-    with TorchCudaLoop(pur, cuda_graph=False) as eager, TorchCudaLoop(pur, cuda_graph=True) as graphed:
+    with load_purifier(art, "cuda", cuda_graph=False) as eager, load_purifier(art, "cuda", cuda_graph=True) as graphed:
         out_eager = eager.purify(x)
-        out_graph, p_dev = graphed.purify_and_classify(x)
+        graphed.purify(x)
+        out_graph, p_dev = graphed.purify_and_classify(x)  # the replay
         out_graph2 = graphed.purify(x)
-    out_host, p_host = pur.purify_and_classify(x)
+        r = eager.runner
+        ref_kernels = Purifier(r, TorchKernels(r.tensor), eager.cfg, input_shape=eager.chw, batch=eager.batch,
+                               has_ap=True, cuda_graph=False)
+        out_host, p_host = ref_kernels.purify_and_classify(x)
     same_pred = float(np.mean(p_dev == p_host))
     graph_bits = bool(np.array_equal(out_eager.view(np.uint32), out_graph.view(np.uint32))
                       and np.array_equal(out_graph.view(np.uint32), out_graph2.view(np.uint32)))
-    return {"n": len(x), "graph_equals_eager_bits": graph_bits, "same_prediction_vs_host_kernels": same_pred,
-            "same_pixels_vs_host_kernels": float(np.mean(out_graph == out_host)),
-            "max_abs_diff_vs_host_kernels": float(np.max(np.abs(out_graph - out_host))),
+    return {"n": len(x), "graph_equals_eager_bits": graph_bits, "same_prediction_vs_reference_kernels": same_pred,
+            "same_pixels_vs_reference_kernels": float(np.mean(out_graph == out_host)),
+            "max_abs_diff_vs_reference_kernels": float(np.max(np.abs(out_graph - out_host))),
             "ok": graph_bits and same_pred >= 1 - 1 / 64}
 
 
@@ -94,17 +100,16 @@ def check_reference_parity(model: str, art: Path, x: np.ndarray, y: np.ndarray, 
 
     from zeropur_export.attacks import pgd_linf
     from zeropur_export.reference import ReferencePurifier
-    from zeropur_rt.backend_torch_cuda import TorchCudaLoop
-    from zeropur_rt.purifier import Purifier
+    from zeropur_export.torch_runner import load_purifier
 
     _fp32(deterministic=True)
-    pur = Purifier.load(art, backend="torch", device="cuda")
-    victim = pur.runner.victim
+    loop = load_purifier(art, "cuda", cuda_graph=True)
+    victim, pur = loop.runner.victim, loop
     ref = ReferencePurifier(victim, pur.cfg, ap_mode="lean")
     res: dict[str, Any] = {"n": len(x),
                            "attack": "PGD-Linf 8/255, step 2/255, 20 steps, random start (seed: the batch offset)"}
     t0 = time.perf_counter()
-    with TorchCudaLoop(pur, cuda_graph=True) as loop:
+    with loop:
         for kind in ("clean", "pgd"):
             p_ref, p_rt, p_bare = [], [], []
             for i in range(0, len(x), batch):
@@ -115,7 +120,7 @@ def check_reference_parity(model: str, art: Path, x: np.ndarray, y: np.ndarray, 
                 with torch.no_grad():
                     p_bare.append(victim(xt).argmax(1).cpu().numpy())
                     p_ref.append(victim(ref.purify(xt)).argmax(1).cpu().numpy())
-                p_rt.append(loop.purify_and_classify(xt)[1].cpu().numpy())
+                p_rt.append(loop.purify_and_classify(xt.cpu().numpy())[1])
             a_ref, a_rt, a_bare = np.concatenate(p_ref), np.concatenate(p_rt), np.concatenate(p_bare)
             res[kind] = {"accuracy_bare": 100 * float(np.mean(a_bare == y)),
                          "accuracy_reference": 100 * float(np.mean(a_ref == y)),
@@ -131,20 +136,18 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
     import torch
 
     from zeropur_export.reference import ReferencePurifier
-    from zeropur_rt.backend_torch_cuda import TorchCudaLoop
-    from zeropur_rt.purifier import Purifier
+    from zeropur_export.torch_runner import load_purifier
+    from zeropur_rt.pipeline import Purifier
 
     _fp32(deterministic=False)
-    pur_t = Purifier.load(art, backend="torch", device="cuda")
-    victim, cfg = pur_t.runner.victim, pur_t.cfg
-    eager, graphed = TorchCudaLoop(pur_t, cuda_graph=False), TorchCudaLoop(pur_t, cuda_graph=True)
+    eager, graphed = load_purifier(art, "cuda", cuda_graph=False), load_purifier(art, "cuda", cuda_graph=True)
+    victim, cfg = eager.runner.victim, eager.cfg
     sync = torch.cuda.synchronize
     rows = []
-    trt_pur = trt_loop = None
+    trt_eager = trt_graph = None
     if have_trt:
-        from zeropur_rt.backend_trt import TensorRTLoop
-        trt_pur = Purifier.load(art, backend="tensorrt", device="cuda")
-        trt_loop = TensorRTLoop(trt_pur, cuda_graph=True)
+        trt_eager = Purifier.load(art, backend="tensorrt", cuda_graph=False)
+        trt_graph = Purifier.load(art, backend="tensorrt", cuda_graph=True)
     released = ReferencePurifier(victim, cfg, ap_mode="recompute")
     lean = ReferencePurifier(victim, cfg, ap_mode="lean")
     for b in batches:
@@ -154,11 +157,11 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
         row: dict[str, Any] = {"model": model, "batch": b}
         variants: list[tuple[str, Callable[[], Any]]] = [
             ("torch_released_code_cost", lambda: released.purify(xt)), ("torch_lean", lambda: lean.purify(xt)),
-            ("torch_cuda_plus_our_kernels", lambda: eager.purify(xt)),
-            ("torch_cuda_plus_our_kernels_cuda_graph", lambda: graphed.purify(xt))]
-        if trt_pur is not None:
-            variants += [("tensorrt_host_loop", lambda: trt_pur.purify(x)),
-                         ("tensorrt_device_loop_cuda_graph", lambda: trt_loop.purify(x))]
+            ("torch_cuda_plus_our_kernels", lambda: eager.purify(x)),
+            ("torch_cuda_plus_our_kernels_cuda_graph", lambda: graphed.purify(x))]
+        if trt_eager is not None:
+            variants += [("tensorrt_device_loop", lambda: trt_eager.purify(x)),
+                         ("tensorrt_device_loop_cuda_graph", lambda: trt_graph.purify(x))]
         for name, fn in variants:
             row[name] = _guarded(lambda: _timeit(fn, sync, r))  # a failing variant does not cost the others
         base = row["torch_released_code_cost"].get("median_s", float("nan"))
@@ -167,11 +170,9 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
         rows.append(row)
         print(f"  {model} batch {b}: " + ", ".join(f"{kk} {v['median_s'] * 1e3:.1f} ms" for kk, v in row.items()
                                                   if isinstance(v, dict) and "median_s" in v), flush=True)
-    if trt_loop is not None:
-        trt_loop.close()
-        trt_pur.runner.close()
-    eager.close()
-    graphed.close()
+    for p in (trt_eager, trt_graph, eager, graphed):
+        if p is not None:
+            p.close()
     return rows
 
 

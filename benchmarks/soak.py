@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-from zeropur_rt.purifier import Purifier
+from zeropur_rt.config import parse_sets
+from zeropur_rt.pipeline import Purifier
 
 
 def rss_mib() -> float:
@@ -28,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=["gs_steps=2", "ap_steps=2"], metavar="KEY=INT")
+    ap.add_argument("--set", nargs="*", default=["gs_steps=2", "ap_steps=2"], metavar="KEY=VALUE")
     ap.add_argument("--max-growth", type=float, default=0.05)
     args = ap.parse_args(argv)
-    overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.set)}
+    overrides = parse_sets(args.set)
     pur = Purifier.load(args.artifact_dir, threads=args.threads, overrides=overrides)
     rng = np.random.default_rng(0)
     x = rng.random((args.batch, *pur.chw), dtype=np.float32)

@@ -1,4 +1,5 @@
-"""`zeropur-rt bench` on a tiny setting (so it cannot rot), its cost model, and its bad-input handling."""
+"""`zeropur-export bench` on a tiny setting (so it cannot rot), its cost model, its --set handling and bad input;
+`zeropur-export demo` and the command line around them."""
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from zeropur_rt.cli import main  # noqa: E402
+from zeropur_export.cli import main  # noqa: E402
 
 TINY = ["--model", "resnet20", "--repeats", "1", "--warmup", "0", "--set", "gs_steps=1", "ap_steps=1"]
 
@@ -18,6 +19,12 @@ def test_bench_tiny_writes_table_json_and_plot(art20, tmp_path, capsys):
     assert {(r["backend"], r["batch"]) for r in res["rows"]} == {(b, n) for b in ("released", "lean", "onnxruntime") for n in (1, 2)}
     assert all(r["p50_s"] > 0 and r["speedup_vs_released"] > 0 for r in res["rows"])
     assert (out / "latency.png").stat().st_size > 1000 and "| onnxruntime | 2 |" in (out / "latency.md").read_text()
+    # the runtime rows carry the Purifier's stage timings, every stage of the loop present
+    for r in res["rows"]:
+        assert ("stages_pct" in r) == (r["backend"] == "onnxruntime")
+    pct = next(r for r in res["rows"] if r["backend"] == "onnxruntime")["stages_pct"]
+    assert {"blur", "gs_engine", "gs_update", "ap_setup", "ap_engine", "ap_update"} <= set(pct)
+    assert sum(pct.values()) == pytest.approx(100)
     fe = res["cost_model"]
     # one GS step: x, blur(x) forward + 1 backward; one lean AP step: 1 forward + 1 backward; setup: 2 forwards
     assert fe["fe_lean"]["forward"] == 1 * 2 + 2 + 1 * 1 and fe["fe_lean"]["backward"] == 2
@@ -26,6 +33,26 @@ def test_bench_tiny_writes_table_json_and_plot(art20, tmp_path, capsys):
     assert 2.9 * macs["classifier"] < macs["gs_grad"] < 3.01 * macs["classifier"]  # 2 forwards + input-grad backward
     assert 1.9 * macs["classifier"] < macs["ap_grad"] < 2.01 * macs["classifier"]
     assert "x vs released" in capsys.readouterr().out
+
+
+def test_bench_set_parses_fractions_and_booleans_for_every_row(art20, tmp_path):
+    """The one --set parser: 8/255 is a fraction, false is False (the old bench parser made it True)."""
+    out = tmp_path / "set"
+    assert main(["bench", *TINY, "--set", "eps=8/255", "ila_normalized=false", "--backends", "lean", "onnxruntime",
+                 "--artifacts", str(art20), "--batch", "1", "--out", str(out)]) == 0
+    cfg = json.loads((out / "latency.json").read_text())["config"]
+    assert cfg["eps"] == pytest.approx(8 / 255) and cfg["ila_normalized"] is False
+    assert cfg["gs_steps"] == 1 and cfg["ap_steps"] == 1
+    # the eps -> ap_step rule of ZeroPurConfig.replace: one AP step travels the whole (new) eps, as the preset does
+    assert cfg["ap_step"] == pytest.approx(8 / 255)
+
+
+def test_bench_refuses_a_baked_field(art20, tmp_path, capsys):
+    out = tmp_path / "baked"
+    assert main(["bench", *TINY, "--set", "ila_weight=1e-3", "--artifacts", str(art20), "--batch", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ila_weight is baked into the exported ap_grad graph" in err and "re-export" in err
+    assert not out.exists()
 
 
 def test_bench_sweep_tiny(art20, tmp_path):
@@ -42,6 +69,50 @@ def test_bench_bad_input_leaves_no_json(art20, tmp_path, capsys):
     assert main(["bench", *TINY, "--artifacts", str(art20), "--batch", "65", "--out", str(out)]) == 2
     assert "do not fit this artifact (1..64)" in capsys.readouterr().err
     assert not out.exists()
+    assert main(["bench", *TINY, "--set", "eps=8/0", "--artifacts", str(art20), "--out", str(out)]) == 2
+    assert "--set eps=8/0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", *TINY, "--artifacts", str(art20), "--backends", "cuda-magic", "--out", str(out)])
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_demo_runs_the_calibrated_recipe_by_default(victim20, cifar, tmp_path, capsys, monkeypatch):
+    """The first run shows the shipped calibrated recipe, says so, and its artifacts are that recipe's only."""
+    from zeropur_export.build import recipe_config
+    from zeropur_rt.manifest import load_manifest
+    monkeypatch.chdir(tmp_path)                     # the default artifacts/<model>-<recipe> lands here
+    art = tmp_path / "artifacts" / "resnet20-calibrated"
+    assert main(["demo", "--n", "2", "--batch", "2", "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "recipe calibrated (sigma 0.7, eps 6/255, GS 5 x 1/255, AP 50 x 0.12/255, ILA 0.0001)" in out
+    assert "| resnet20 | calibrated |" in out and "ap_engine" in out
+    _, cfg, _ = recipe_config("resnet20", "calibrated")
+    assert load_manifest(art).config == cfg.to_dict()
+    (res,) = json.loads((tmp_path / "d.json").read_text())
+    assert res["recipe"] == "calibrated" and res["backend"] == "onnxruntime" and res["n"] == 2
+    # the directory holds the calibrated export: the paper recipe may not reuse it
+    assert main(["demo", "--n", "2", "--recipe", "paper", "--artifacts", str(art)]) == 2
+    assert "exported with another config" in capsys.readouterr().err
+
+
+def test_demo_reference_backend_no_export(victim20, cifar, tmp_path, capsys):
+    assert main(["demo", "--n", "2", "--batch", "2", "--backend", "reference", "--recipe", "paper",
+                 "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet20 | paper |" in out and "torch reference (lean AP), no export" in out
+    (res,) = json.loads((tmp_path / "d.json").read_text())
+    assert res["config"]["gs_steps"] == 10 and res["config"]["blur_sigma"] == 1.8 and res["kernels"] == "torch"
+
+
+def test_cli_commands_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("export", "build-engines", "calibrate", "demo", "bench", "eval"))
+    with pytest.raises(SystemExit):
+        main(["bench", "-h"])                       # the command's own parser answers its -h
+    assert "--sweep" in capsys.readouterr().out
+    assert main(["demo", "--recipe", "calibrated", "--model", "resnet32"]) == 2
+    assert "no calibrated recipe ships for resnet32" in capsys.readouterr().err
+    assert main(["export", "resnet20", "--out", str(tmp_path / "a"), "--random-init", "--set", "eps=8/0"]) == 2
+    assert "--set eps=8/0" in capsys.readouterr().err

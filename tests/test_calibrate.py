@@ -1,5 +1,6 @@
-"""Per-victim calibration (benchmarks/calibrate.py): a tiny search end to end, the shared-work evaluator
-against the reference purifier, and the bad-input cases. Fast: a handful of images, 1-2 steps."""
+"""Per-victim calibration (zeropur_export.calibrate): a tiny search end to end through the CLI and the
+Python API, the shared-work evaluator against the reference purifier, and the bad-input cases.
+Fast: a handful of images, 1-2 steps."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,9 @@ from zeropur_rt.config import ZeroPurConfig, preset
 from zeropur_rt.data import cifar10_test_path, shared_dir
 
 torch = pytest.importorskip("torch")
-calibrate = pytest.importorskip("benchmarks.calibrate")
+calib = pytest.importorskip("zeropur_export.calibrate")
+from zeropur_export.calibrate import cli, search  # noqa: E402
+from zeropur_export.calibrate.evaluator import gs_key  # noqa: E402
 
 TINY = ["--model", "resnet20", "--calib-rows", "5000:5012", "--stage-n", "6,9,12", "--grid-sigma", "1.0",
         "--grid-eps", "8", "--grid-gs-steps", "1,2", "--grid-gs-step", "1", "--grid-ap-steps", "1",
@@ -29,7 +32,7 @@ def real():
 
 def test_tiny_search_writes_a_loadable_config_and_report(real, tmp_path, capsys):
     out = tmp_path / "cal"
-    rc = calibrate.main(TINY + ["--max-clean-drop", "100", "--out", str(out)])
+    rc = cli.main(TINY + ["--max-clean-drop", "100", "--out", str(out)])
     assert rc == 0
     cfg = ZeroPurConfig.from_dict(json.loads((out / "calibrated_config.json").read_text()))
     rep = json.loads((out / "report.json").read_text())
@@ -51,13 +54,45 @@ def test_no_config_in_budget_exits_3_with_report_and_no_config(real, tmp_path, c
     (out / "calibrated_config.json").write_text("{}")  # stale: must not survive a failed calibration
     argv = [a if a != "1,2" else "3" for a in TINY]  # 3 GS steps of 8/255 wreck clean accuracy
     argv[argv.index("--grid-gs-step") + 1] = "8"
-    rc = calibrate.main(argv + ["--max-clean-drop", "0", "--out", str(out)])
-    assert rc == calibrate.EXIT_NO_FEASIBLE == 3
+    rc = cli.main(argv + ["--max-clean-drop", "0", "--out", str(out)])
+    assert rc == calib.EXIT_NO_FEASIBLE == 3
     rep = json.loads((out / "report.json").read_text())
     assert rep["chosen"] is None and "no config" in rep["message"]
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
     assert not (out / "calibrated_config.json").exists()
     assert "no config kept purified clean accuracy" in capsys.readouterr().err
+
+
+def test_python_api_returns_a_config_and_a_report(real, tmp_path):
+    from zeropur_export.zoo import load_victim
+    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    victim = load_victim("resnet20")
+    xs, ys = load_cifar10_test(None, 5000, 5008)
+    x = to_nchw_float(xs)  # numpy in: the API takes torch or numpy images
+    grid = calib.Grid(sigma=[1.0], eps_255=[8], gs_steps=[1], gs_step_255=[1], ap_steps=[1], ila=[(True, 0.1)],
+                      ap_parents=1, refine_ap_steps=[2], keep=2, final=1, include_paper=False)
+    lines: list[str] = []
+    res = calib.calibrate(victim, x, ys, max_clean_drop=100, min_robust_gain=-100, grid=grid, stage_n=(4, 6, 8),
+                          attack_steps=1, batch=8, progress=False, log=lines.append)
+    assert isinstance(res.config, ZeroPurConfig)
+    rep = res.report
+    assert rep["chosen"]["config"] == res.config.to_dict() and rep["chosen"]["n"] == 8
+    assert rep["configs_tried"] == len(rep["configs"]) == 3 and rep["n_calib"] == 8
+    assert rep["search"]["stage_n"] == [4, 6, 8] and rep["search"]["grid_ila"] == ["n0.1"]
+    assert [line.split(":")[0] for line in lines[1:]] == ["stage 1", "stage 2", "stage 3", "stage 4"]
+    for r in rep["configs"]:  # AP variants travel eps in total (the one eps -> ap_step rule)
+        if r["ap_steps"]:
+            assert r["ap_step_255"] == pytest.approx(r["eps_255"] / r["ap_steps"])
+    assert not list(tmp_path.iterdir())  # the API writes nothing unless asked
+    res.save(tmp_path)
+    assert json.loads((tmp_path / "calibrated_config.json").read_text()) == res.config.to_dict()
+    ev = calib.evaluate_configs(victim, x[:4], ys[:4], {"chosen": res.config}, attack_steps=1, batch=4, progress=False)
+    (r,) = ev.report["results"]
+    assert r["config"] == res.config.to_dict() and ev.report["n"] == 4 and 0 <= r["pgd_purified"] <= 100
+    with pytest.raises(calib.CalibError, match="grid.eps_255"):
+        calib.calibrate(victim, x, ys, grid=calib.Grid(eps_255=[0]))
+    with pytest.raises(calib.CalibError, match="labels must be in 0..9"):
+        calib.calibrate(victim, x, np.full(8, 10), grid=grid, stage_n=(4, 6, 8))
 
 
 def test_evaluator_matches_reference_purifier_and_extends_incrementally(real):
@@ -68,19 +103,21 @@ def test_evaluator_matches_reference_purifier_and_extends_incrementally(real):
     xs, ys = load_cifar10_test(None, 5000, 5006)
     x = torch.from_numpy(to_nchw_float(xs))
     adv = (x + 4 / 255 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))).clamp(0, 1)
-    ev = calibrate.Evaluator(victim, x, adv, ys, batch=4, progress=False)
+    ev = calib.Evaluator(victim, x, adv, ys, batch=4, progress=False)
     cfg = preset("cifar10", blur_sigma=1.0, eps=8 / 255, gs_steps=2, ap_steps=2, ap_step=4 / 255, ila_weight=0.1,
                  ila_normalized=True)
     gs_only = cfg.replace(ap_steps=0, gs_steps=1)  # a snapshot of the same GS trajectory
     ev.evaluate([cfg, gs_only], 3, "a")
     (r,) = ev.evaluate([cfg], 6, "b")  # only rows 3..5 are new
     ref = ReferencePurifier(victim, cfg)
-    for src, ok in ((x, r.ok_clean), (adv, r.ok_adv)):
+    ref_gs = ReferencePurifier(victim, cfg.replace(ap_steps=0))  # the same loop, stopped after Guided Shift
+    coarse = torch.from_numpy(ev.coarse(cfg, 0, 6))  # rows 0..5: the clean block, then the adversarial block
+    for src, ok, got in ((x, r.ok_clean, coarse[:6]), (adv, r.ok_adv, coarse[6:])):
         np.testing.assert_array_equal(ok, ref.classify(ref.purify(src)).numpy() == ys)
-        torch.testing.assert_close(ev.gs[calibrate._gs_key(cfg)][2][:6] if src is x else ev.gs[calibrate._gs_key(cfg)][2][6:],
-                                   ref.guided_shift(src), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got, ref_gs.purify(src), rtol=0, atol=1e-6)
+    assert set(ev.gs[gs_key(cfg)]) == {1, 2}  # one GS trajectory, snapshots after 1 and 2 steps
     ref1 = ReferencePurifier(victim, gs_only)
-    rec1 = ev.records[calibrate.cfg_key(gs_only)]
+    rec1 = ev.records[calib.cfg_key(gs_only)]
     assert rec1.n == 3 and rec1.stages == ["a"]
     np.testing.assert_array_equal(rec1.ok_clean, ref1.classify(ref1.purify(x[:3])).numpy() == ys[:3])
     s = ev.stats(r)
@@ -98,8 +135,8 @@ def test_ranking_prefers_robust_inside_budget():
             self.cfg = preset("cifar10", gs_steps=steps, ap_steps=0)
 
     a, b, c = _R(79.0, 30.0, 5), _R(70.0, 60.0, 5), _R(77.5, 35.0, 5)
-    assert calibrate.rank(_Ev(), [a, b, c], budget=3.0, slack_scale=0.0) == [c, a, b]
-    assert calibrate.feasible(_Ev(), c, 3.0) and not calibrate.feasible(_Ev(), b, 3.0)
+    assert search.rank(_Ev(), [a, b, c], budget=3.0, slack_scale=0.0) == [c, a, b]
+    assert search.feasible(_Ev(), c, 3.0) and not search.feasible(_Ev(), b, 3.0)
 
 
 # ---------------------------------------------------------------- bad input: exit 2 with one clear message
@@ -116,32 +153,32 @@ def test_ranking_prefers_robust_inside_budget():
     (["--grid-ap-steps", "0"], "--grid-ap-steps"),
 ])
 def test_bad_arguments_exit_2(extra, msg, capsys):
-    assert calibrate.main(["--model", "resnet20", *extra]) == 2
+    assert cli.main(["--model", "resnet20", *extra]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and msg in err
 
 
 def test_unknown_model_and_missing_weights_file(capsys):
-    assert calibrate.main(["--model", "nosuchnet"]) == 2
+    assert cli.main(["--model", "nosuchnet"]) == 2
     assert "unknown --model" in capsys.readouterr().err
-    assert calibrate.main(["--model", "resnet20", "--weights", "/nonexistent/w.th"]) == 2
+    assert cli.main(["--model", "resnet20", "--weights", "/nonexistent/w.th"]) == 2
     assert "--weights file not found" in capsys.readouterr().err
 
 
 def test_data_without_labels_or_too_few_rows(real, tmp_path, capsys):
     p = tmp_path / "nolabels.npz"
     np.savez(p, x=np.zeros((10, 32, 32, 3), np.uint8))
-    assert calibrate.main(["--model", "resnet20", "--data", str(p), "--calib-rows", "0:10", "--force-overlap"]) == 2
+    assert cli.main(["--model", "resnet20", "--data", str(p), "--calib-rows", "0:10", "--force-overlap"]) == 2
     assert "no 'y' labels" in capsys.readouterr().err
     q = tmp_path / "small.npz"
     np.savez(q, x=np.zeros((10, 32, 32, 3), np.uint8), y=np.zeros(10, np.int64))
-    assert calibrate.main(["--model", "resnet20", "--data", str(q)]) == 2  # default rows 5000:6000
+    assert cli.main(["--model", "resnet20", "--data", str(q)]) == 2  # default rows 5000:6000
     assert "out of range" in capsys.readouterr().err
     r = tmp_path / "badlabels.npz"
     np.savez(r, x=np.zeros((10, 32, 32, 3), np.uint8), y=np.full(10, 12, np.int64))
-    assert calibrate.main(["--model", "resnet20", "--data", str(r), "--calib-rows", "0:10", "--force-overlap"]) == 2
+    assert cli.main(["--model", "resnet20", "--data", str(r), "--calib-rows", "0:10", "--force-overlap"]) == 2
     assert "labels must be in 0..9" in capsys.readouterr().err
-    assert calibrate.main(["--model", "resnet20", "--data", str(tmp_path / "missing.npz")]) == 2
+    assert cli.main(["--model", "resnet20", "--data", str(tmp_path / "missing.npz")]) == 2
     assert "data file not found" in capsys.readouterr().err
 
 
@@ -154,23 +191,23 @@ def test_eval_mode_tiny_and_refuses_the_calibration_slice(real, tmp_path, capsys
     (cal / "report.json").write_text(json.dumps({"calib_rows": [100, 200]}))
     cfgfile = str(cal / "calibrated_config.json")
     base = ["eval", "--model", "resnet20", "--config", cfgfile, "--attack-steps", "1", "--no-progress"]
-    assert calibrate.main(base + ["--rows", "150:160"]) == 2
+    assert cli.main(base + ["--rows", "150:160"]) == 2
     assert "overlaps the calibration rows 100:200" in capsys.readouterr().err
-    assert calibrate.main(base + ["--rows", "5500:5510"]) == 2
+    assert cli.main(base + ["--rows", "5500:5510"]) == 2
     assert "default calibration slice" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"eps": 0.1, "bogus": 1}))
-    assert calibrate.main(["eval", "--model", "resnet20", "--config", str(bad)]) == 2
+    assert cli.main(["eval", "--model", "resnet20", "--config", str(bad)]) == 2
     assert "not a ZeroPurConfig JSON" in capsys.readouterr().err
     out = tmp_path / "ev"
-    assert calibrate.main(base + ["--rows", "0:4", "--out", str(out), "--batch", "4"]) == 0
+    assert cli.main(base + ["--rows", "0:4", "--out", str(out), "--batch", "4"]) == 0
     rep = json.loads((out / "eval.json").read_text())
     assert rep["rows"] == [0, 4] and len(rep["results"]) == 1
     r = rep["results"][0]
     assert r["config"] == cfg.to_dict() and r["calib_rows"] == [100, 200]
     for k in ("clean", "clean_purified", "pgd", "pgd_purified"):
         assert 0 <= r[k] <= 100
-    assert "PGD-20, purified" in (out / "eval.md").read_text()
+    assert "PGD-1, purified" in (out / "eval.md").read_text()  # the table names the attack that ran
 
 
 def test_parents_come_from_the_pareto_front():
@@ -184,9 +221,9 @@ def test_parents_come_from_the_pareto_front():
             self.cfg = preset("cifar10", gs_steps=5, ap_steps=0, eps=(cp + rob) / 2550)
 
     rs = [_R(60, 10), _R(55, 5), _R(50, 20), _R(40, 40), _R(30, 35), _R(20, 45)]
-    front = calibrate.pareto_front(_Ev(), rs)
+    front = search.pareto_front(_Ev(), rs)
     assert [(r.cp, r.rob) for r in front] == [(60, 10), (50, 20), (40, 40), (20, 45)]
-    parents = calibrate.pick_parents(_Ev(), rs, budget=13.0, slack=0.0, k=3)  # nothing inside 80-13
+    parents = search.pick_parents(_Ev(), rs, budget=13.0, slack=0.0, k=3)  # nothing inside 80-13
     assert [(r.cp, r.rob) for r in parents] == [(60, 10), (40, 40), (20, 45)]  # both ends and the middle
 
 
@@ -195,6 +232,6 @@ def test_a_config_without_robustness_gain_is_not_acceptable():
         def stats(self, r):
             return dict(n=500, clean=82.0, clean_purified=r[0], pgd=0.0, pgd_purified=r[1])
 
-    assert not calibrate.acceptable(_Ev(), (82.0, 0.0), 3.0, 1.0)  # an expensive identity
-    assert calibrate.acceptable(_Ev(), (80.0, 40.0), 3.0, 1.0)
-    assert not calibrate.acceptable(_Ev(), (75.0, 40.0), 3.0, 1.0)
+    assert not search.acceptable(_Ev(), (82.0, 0.0), 3.0, 1.0)  # an expensive identity
+    assert search.acceptable(_Ev(), (80.0, 40.0), 3.0, 1.0)
+    assert not search.acceptable(_Ev(), (75.0, 40.0), 3.0, 1.0)

@@ -1,4 +1,4 @@
-"""``zeropur-rt eval``: ART attacks, the BPDA preprocessor wrapper, the report, and bad input (tiny settings)."""
+"""``zeropur-export eval``: ART attacks, the BPDA preprocessor wrapper, the report, and bad input (tiny settings)."""
 from __future__ import annotations
 
 import json
@@ -10,19 +10,20 @@ import pytest
 pytest.importorskip("art")
 torch = pytest.importorskip("torch")
 
-from benchmarks import evaluate  # noqa: E402
+from zeropur_export import evaluate  # noqa: E402
+from zeropur_export.cli import main  # noqa: E402
 
 FAST = ["--set", "gs_steps=1", "ap_steps=1", "--quiet", "--threads", "2"]
 
 
 @pytest.fixture(scope="module")
 def pur20(art20):
-    from zeropur_rt.purifier import Purifier
+    from zeropur_rt import Purifier
     return Purifier.load(art20, threads=2, overrides=dict(gs_steps=1, ap_steps=1))
 
 
 def test_preprocessor_is_purify_forward_identity_backward(pur20, victim20, cifar):
-    from benchmarks.art_preprocessor import ZeroPurPreprocessor, art_classifier, bpda_classifier
+    from zeropur_export.art_preprocessor import ZeroPurPreprocessor, art_classifier, bpda_classifier
     x, y = cifar[0][:6], cifar[1][:6]
     pre = ZeroPurPreprocessor(pur20, batch_size=4)           # two purifier calls: chunking must not change the result
     assert pre.apply_predict and not pre.apply_fit
@@ -55,7 +56,7 @@ def test_preprocessor_is_purify_forward_identity_backward(pur20, victim20, cifar
 
 def test_eval_end_to_end_every_attack(art20, victim20, cifar, tmp_path, capsys):
     out = tmp_path / "ev"
-    rc = evaluate.main(["--models", "resnet20", "--artifacts", str(art20), "--rows", "0:12", "--batch", "8",
+    rc = main(["eval", "--models", "resnet20", "--artifacts", str(art20), "--rows", "0:12", "--batch", "8",
                         "--pgd-steps", "3", "--apgd-iter", "3", "--bpda-steps", "2", "--bpda-n", "6", "--seed", "3",
                         "--out", str(out), *FAST])
     assert rc == 0, capsys.readouterr().err
@@ -90,7 +91,7 @@ def test_eval_end_to_end_every_attack(art20, victim20, cifar, tmp_path, capsys):
 
 def _bad(tmp_path, *extra):
     out = tmp_path / "bad"
-    rc = evaluate.main(["--n", "4", "--out", str(out), *FAST, *extra])
+    rc = main(["eval", "--n", "4", "--out", str(out), *FAST, *extra])
     return rc, out
 
 
@@ -98,8 +99,9 @@ def test_bad_attack_backend_rows_set(art20, tmp_path, capsys):
     for extra, msg in ((["--attacks", "pgd", "cw"], "unknown attack"),
                        (["--backend", "tvm"], "unknown backend"),
                        (["--rows", "5:2"], "--rows"),
-                       (["--set", "nosuch=1"], "--set"),
-                       (["--set", "gs_steps=two"], "not a valid int")):
+                       (["--set", "nosuch=1"], "unknown config field 'nosuch'"),
+                       (["--set", "gs_steps=two"], "--set gs_steps=two"),
+                       (["--set", "lpips_weight=2"], "lpips_weight is baked into the exported ap_grad graph")):
         rc, out = _bad(tmp_path, "--artifacts", str(art20), *extra)
         err = capsys.readouterr().err
         assert rc != 0 and msg in err, (extra, err)
@@ -124,14 +126,18 @@ def test_no_partial_json_on_error(art20, tmp_path, capsys, monkeypatch):
 
 def test_art_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "art", None)           # `import art` now raises ImportError
-    monkeypatch.delitem(sys.modules, "benchmarks.art_preprocessor", raising=False)
+    monkeypatch.delitem(sys.modules, "zeropur_export.art_preprocessor", raising=False)
     rc, out = _bad(tmp_path, "--artifacts", str(tmp_path / "nowhere"))
     err = capsys.readouterr().err
     assert rc == 2 and "pip install 'zeropur-rt[eval]'" in err
     assert not out.exists()
 
 
-def test_reachable_from_cli(tmp_path, capsys):
-    from zeropur_rt.cli import main
-    rc = main(["eval", "--attacks", "nope", "--out", str(tmp_path / "x")])
-    assert rc == 2 and "unknown attack" in capsys.readouterr().err
+def test_set_fraction_and_boolean_reach_the_purifier(art20, tmp_path, capsys):
+    out = tmp_path / "set"
+    rc = main(["eval", "--artifacts", str(art20), "--rows", "0:2", "--batch", "2", "--attacks", "pgd", "--pgd-steps", "1",
+               "--out", str(out), *FAST, "--set", "eps=8/255", "ila_normalized=false"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "eval.json").read_text())
+    assert res["overrides"] == dict(gs_steps=1, ap_steps=1, eps=8 / 255, ila_normalized=False)
+    assert res["purifier_config"]["eps"] == pytest.approx(8 / 255)

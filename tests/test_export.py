@@ -179,7 +179,7 @@ def _no_leftovers(parent: Path, name: str):
 
 
 def test_cli_unknown_architecture(tmp_path, capsys):
-    assert cli.main(["resnet9000", "--out", str(tmp_path / "a")]) == 2
+    assert cli.main(["export", "resnet9000", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "unknown architecture" in err and "resnet20" in err
     assert not (tmp_path / "a").exists()
@@ -193,7 +193,7 @@ def test_make_victim_bad_tap():
 
 
 def test_cli_missing_weights_file(tmp_path, capsys):
-    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights", str(tmp_path / "nope.th")]) == 2
+    assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--weights", str(tmp_path / "nope.th")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
@@ -201,20 +201,20 @@ def test_cli_missing_weights_file(tmp_path, capsys):
 def test_cli_known_weights_missing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ZEROPUR_SHARED", str(tmp_path / "empty"))
     monkeypatch.delenv("ZEROPUR_WEIGHTS", raising=False)
-    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights-dir", str(tmp_path)]) == 2
+    assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--weights-dir", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
 def test_cli_no_known_weights_needs_flag(tmp_path, capsys):
-    assert cli.main(["preact_resnet18", "--out", str(tmp_path / "a")]) == 2
+    assert cli.main(["export", "preact_resnet18", "--out", str(tmp_path / "a")]) == 2
     assert "--weights" in capsys.readouterr().err
 
 
 def test_cli_corrupt_weights(tmp_path, capsys):
     bad = tmp_path / "bad.th"
     bad.write_bytes(b"not a checkpoint" * 10)
-    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights", str(bad)]) == 2
+    assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--weights", str(bad)]) == 2
     assert "cannot read weights" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     _no_leftovers(tmp_path, "a")
@@ -225,20 +225,20 @@ def test_cli_weights_hash_mismatch(tmp_path, capsys, monkeypatch):
     d = tmp_path / "w"
     d.mkdir()
     (d / "resnet20-12fca82f.th").write_bytes(b"tampered")
-    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights-dir", str(d)]) == 2
+    assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--weights-dir", str(d)]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     # an explicit file with an explicit expected hash
     f = tmp_path / "w.th"
     torch.save(CifarResNet(3).state_dict(), f)
-    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--weights", str(f), "--weights-sha256", "0" * 64]) == 2
+    assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--weights", str(f), "--weights-sha256", "0" * 64]) == 2
     assert "sha256 mismatch" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
 def test_cli_bad_config(tmp_path, capsys):
-    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--random-init", "--set", "nope=1"]) == 2
+    assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--random-init", "--set", "nope=1"]) == 2
     assert "unknown config field" in capsys.readouterr().err
-    assert cli.main(["resnet20", "--out", str(tmp_path / "a"), "--random-init", "--min-batch", "8",
+    assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--random-init", "--min-batch", "8",
                      "--opt-batch", "4"]) == 2
     assert "min-batch" in capsys.readouterr().err
 
@@ -247,7 +247,7 @@ def test_cli_existing_dir_without_force(tmp_path, capsys):
     out = tmp_path / "a"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert cli.main(["resnet20", "--out", str(out), "--random-init"]) == 2
+    assert cli.main(["export", "resnet20", "--out", str(out), "--random-init"]) == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 from benchmarks.runtime_parity import (float32_floor, format_agreement, free_running,  # noqa: E402
                                       reference_outputs, summary, teacher_forced)
 from zeropur_rt.manifest import ArtifactError, load_manifest  # noqa: E402
-from zeropur_rt.purifier import Purifier  # noqa: E402
+from zeropur_rt.pipeline import Purifier  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,9 @@ def test_other_format_version_is_refused(art20, tmp_path):
 
 
 def test_baked_loss_weights_cannot_be_overridden(art20):
-    with pytest.raises(ValueError, match="baked into the exported graphs"):
+    with pytest.raises(ValueError, match="ila_weight is baked into the exported ap_grad graph"):
         Purifier.load(art20, overrides=dict(ila_weight=1.0))
+    assert Purifier.load(art20, overrides=dict(ila_weight=Purifier.load(art20).cfg.ila_weight)).cfg.ap_steps == 50
 
 
 def test_missing_kernel_library_falls_back_with_warning(art20, monkeypatch, caplog, tmp_path):
@@ -120,7 +121,7 @@ def test_missing_kernel_library_falls_back_with_warning(art20, monkeypatch, capl
     monkeypatch.setenv("ZEROPUR_HOST_LIB", str(tmp_path / "nope.so"))
     with caplog.at_level("WARNING"):
         p = Purifier.load(art20)
-    assert p.kernels is numpy_twin
+    assert p.kernels.impl is numpy_twin
     assert "falling back to the numpy twin" in caplog.text
     with pytest.raises(ValueError, match="kernels='host'"):
         Purifier.load(art20, kernels="host")
@@ -136,12 +137,13 @@ def test_onnxruntime_gpu_providers_are_refused_clearly_where_absent(art20):
         Purifier.load(art20, device="cuda:0", provider="tensorrt")
     with pytest.raises(ValueError, match="does not run on device 'cpu'"):
         Purifier.load(art20, provider="tensorrt")
-    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:i'"):
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
         Purifier.load(art20, device="gpu")
 
 
 def test_import_is_cheap():
-    code = ("import sys, zeropur_rt, zeropur_rt.purifier, zeropur_rt.cli, zeropur_rt.backends; "
+    code = ("import sys, zeropur_rt, zeropur_rt.pipeline, zeropur_rt.cli, zeropur_rt.runners.onnxruntime, "
+            "zeropur_rt.runners.tensorrt, zeropur_rt.kernels.sets, zeropur_rt.kernels.cuda; "
             "bad = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'cuda', 'pycuda') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -176,14 +178,29 @@ def test_cli_purify_classify_info(art20, tmp_path, capsys):
     assert "resize it first" in capsys.readouterr().err
 
 
-def test_cli_gpu_backend_without_gpu_is_a_clear_error(art20, tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: tests/gpu runs the device loop")
+def test_cli_set_overrides_and_refuses_baked_fields(art20, tmp_path, capsys):
     from zeropur_rt.cli import main
     from zeropur_rt.data import load_cifar10_test
     x, y = load_cifar10_test(stop=2)
     src = tmp_path / "in.npz"
     np.savez(src, x=x, y=y)
-    assert main(["purify", str(art20), str(src), "--backend", "torch", "--device", "cuda"]) == 2
-    assert "sees no CUDA device" in capsys.readouterr().err
+    out = tmp_path / "out.npz"
+    assert main(["purify", str(art20), str(src), "--out", str(out), "--set", "gs_steps=1", "--set", "ap_steps=2",
+                 "--set", "eps=8/255"]) == 0
+    ref = Purifier.load(art20, overrides=dict(gs_steps=1, ap_steps=2, eps=8 / 255)).purify(x, uint8_nhwc=True)
+    with np.load(out) as z:
+        assert np.array_equal(z["x_purified"], ref)
+    assert main(["purify", str(art20), str(src), "--set", "lpips_weight=2"]) == 2
+    assert "lpips_weight is baked" in capsys.readouterr().err
+    assert main(["purify", str(art20), str(src), "--set", "gs_steps=two"]) == 2
+    assert "gs_steps=two" in capsys.readouterr().err
+
+
+def test_torch_backend_is_build_time_and_cuda_needs_a_gpu(art20, victim20):
+    from zeropur_export.torch_runner import load_purifier
+    with pytest.raises(ValueError, match="needs the build-time package"):
+        Purifier.load(art20, backend="torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/gpu runs the device loop")
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        load_purifier(art20, device="cuda", victim=victim20)

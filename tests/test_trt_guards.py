@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zeropur_rt import backend_trt as bt
+from zeropur_rt import cuda_driver as cd
+from zeropur_rt import engine_record as bt
+from zeropur_rt.runners import trt_engine
 from zeropur_rt.manifest import ArtifactError
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -111,10 +113,11 @@ def test_batch_range_checks():
     assert issubclass(bt.BatchSizeError, ValueError)
 
 
-def test_parse_device():
-    assert bt.parse_device("cuda") == 0 and bt.parse_device("cuda:1") == 1 and bt.parse_device(2) == 2
-    with pytest.raises(ValueError, match="CUDA device"):
-        bt.parse_device("cpu")
+def test_one_device_grammar():
+    assert cd.parse_device("cpu") is None and cd.parse_device("cuda") == 0 and cd.parse_device("CUDA:1") == 1
+    for bad in ("gpu", "cuda:", "cuda:x", "cuda:-1", "tpu:0"):
+        with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+            cd.parse_device(bad)
 
 
 # ---------------------------------------------------------------- precision recipe per TensorRT version
@@ -142,7 +145,8 @@ def test_precision_plan_rejects_old_trt_and_unknown_precision():
 
 # ---------------------------------------------------------------- missing TensorRT / cuda-python / GPU
 def test_import_zeropur_rt_pulls_neither_tensorrt_nor_cuda():
-    code = ("import sys, zeropur_rt, zeropur_rt.backend_trt, zeropur_rt.backends, zeropur_rt.purifier; "
+    code = ("import sys, zeropur_rt, zeropur_rt.runners.tensorrt, zeropur_rt.runners.trt_engine, zeropur_rt.pipeline, "
+            "zeropur_rt.engine_record, zeropur_rt.cuda_driver; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'cuda', 'torch', 'onnxruntime')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -152,30 +156,32 @@ def test_import_zeropur_rt_pulls_neither_tensorrt_nor_cuda():
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is importable here")
 def test_clear_error_without_tensorrt(tmp_path):
     with pytest.raises(ImportError, match=r"TensorRT \(>= 10\).*zeropur-rt\[trt\].*jetson"):
-        bt.import_tensorrt()
-    from zeropur_rt.backends import make_runner
+        trt_engine.import_tensorrt()
+    from zeropur_rt.runners import load_runner
     with pytest.raises(ImportError, match="TensorRT"):
-        make_runner("tensorrt", tmp_path, None, device="cuda")  # type: ignore[arg-type]
+        load_runner("tensorrt", tmp_path, None, device="cuda")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="runs on a GPU"):
+        load_runner("tensorrt", tmp_path, None, device="cpu")  # type: ignore[arg-type]
 
 
 def test_clear_error_without_cuda_python(monkeypatch):
     for name in ("cuda", "cuda.bindings", "cuda.bindings.driver", "cuda.cuda"):
         monkeypatch.setitem(sys.modules, name, None)  # makes `import` fail like an absent package
     with pytest.raises(ImportError, match="cuda-python.*pip install cuda-python"):
-        bt.import_cuda_driver()
+        cd.import_driver()
 
 
 def test_clear_error_without_gpu():
     try:
-        drv = bt.import_cuda_driver()
+        drv = cd.import_driver()
         drv.cuInit(0)
         have_driver = True
     except Exception:  # noqa: BLE001 - no cuda-python or no driver library
         have_driver = False
     if have_driver:
         pytest.skip("a CUDA driver is present here")
-    with pytest.raises((bt.TensorRTError, ImportError), match="NVIDIA GPU|cuda-python"):
-        bt.CudaDevice(0)
+    with pytest.raises((cd.CudaError, ImportError), match="NVIDIA GPU|cuda-python"):
+        cd.CudaDevice(0)
 
 
 # ---------------------------------------------------------------- build-engines without TensorRT

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 SHARED_ENV = "ZEROPUR_SHARED"
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def shared_dir(path: str | os.PathLike | None = None) -> Path:

@@ -17,7 +17,7 @@ from zeropur_rt.files import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-REBUILD_HINT = "rebuild it with `zeropur-export MODEL --out DIR --force`"
+REBUILD_HINT = "rebuild it with `zeropur-export export MODEL --out DIR --force`"
 
 # Graph I/O names (format version 1). ap_setup/ap_grad carry one ila_dir_<l> per ILA layer.
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -124,7 +124,7 @@ class Purifier:
     def _release(self, st: _BatchState) -> None:
         if st.replay is not None:
             st.replay.close()
-        self.runner.release(st.bufs)
+        self.runner.release([b for _, b in st.bufs.items()], st.bufs.n)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self, x_in: np.ndarray, classify: bool, timings: bool, iterates: bool
@@ -195,6 +195,21 @@ class Purifier:
     def classify(self, x: Any, uint8_nhwc: bool = False) -> np.ndarray:
         """Predicted classes of the (unpurified) images."""
         return self.logits(self.prepare(x, uint8_nhwc)).argmax(1)
+
+    def run_graph(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of one exported graph on host arrays, outside the loop (parity checks feed it the
+        reference's iterates)."""
+        r = self.runner
+        n = len(next(iter(feeds.values())))
+        ins = {k: r.alloc(np.shape(v), k) for k, v in feeds.items()}
+        outs = {k: r.alloc(s, k) for k, s in r.output_shapes(graph, n).items()}
+        try:
+            for k, v in feeds.items():
+                r.upload(ins[k], v)
+            r.run(graph, ins, outs)
+            return {k: r.download(b) for k, b in outs.items()}
+        finally:
+            r.release([*ins.values(), *outs.values()])
 
     def graph_captured(self, n: int) -> bool:
         st = self._states.get(n)

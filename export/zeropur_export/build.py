@@ -1,33 +1,120 @@
-"""Export-once helper for jobs that need an artifact directory of a zoo model (demo, bench, eval)."""
+"""What the build-time jobs (demo, bench, eval) share: recipes, the export-once helper, a purifier on any backend.
+
+A recipe is a ZeroPurConfig with a name: ``paper`` (the model's preset, the released code's recipe),
+``calibrated`` (the recipe shipped in ``recipes/`` for this model's pretrained weights), or a JSON file.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
-from zeropur_export.onnx_export import export_artifacts
-from zeropur_export.weights import find_weights
-from zeropur_export.zoo import ZOO, load_victim
-from zeropur_rt.config import ZeroPurConfig, preset
+from zeropur_rt.config import ZeroPurConfig, apply_overrides, parse_sets, preset
 from zeropur_rt.files import sha256_file
 from zeropur_rt.manifest import MANIFEST, load_manifest
 
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def build_config(preset_name: str, config_file: str | Path | None = None, sets: Sequence[str] = ()
+                 ) -> tuple[ZeroPurConfig, dict[str, Any] | None]:
+    """Preset, then a config file (a ZeroPurConfig JSON, as calibration writes it), then ``--set`` pairs.
+
+    Returns the config and the provenance the manifest records (None without a file).
+    """
+    cfg = preset(preset_name)
+    calibration = None
+    if config_file:
+        try:
+            raw = json.loads(Path(config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read config file {config_file}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{config_file} must hold a JSON object")
+        calibration = {"config_file": Path(config_file).name, "sha256": sha256_file(config_file)}  # provenance
+        cfg = ZeroPurConfig.from_dict({**cfg.to_dict(), **raw})
+    return apply_overrides(cfg, parse_sets(sets)), calibration
+
+
+def shipped_recipe(model: str) -> Path | None:
+    """The calibrated recipe shipped for ``model``'s pretrained weights, if there is one."""
+    path = RECIPES_DIR / f"{model}_calibrated.json"
+    return path if path.is_file() else None
+
+
+def default_recipe(model: str) -> str:
+    """The best recipe we ship for ``model``: its calibrated one where it exists, else the paper's."""
+    return "calibrated" if shipped_recipe(model) else "paper"
+
+
+def recipe_config(model: str, recipe: str) -> tuple[str, ZeroPurConfig, dict[str, Any] | None]:
+    """(name, config, provenance) of ``recipe``: "paper", "calibrated" or a JSON file."""
+    from zeropur_export.zoo import ZOO
+    if model not in ZOO:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(ZOO))}")
+    if recipe == "paper":
+        return recipe, preset(ZOO[model][2]), None
+    if recipe == "calibrated":
+        path = shipped_recipe(model)
+        if path is None:
+            shipped = sorted(p.stem.removesuffix("_calibrated") for p in RECIPES_DIR.glob("*_calibrated.json"))
+            raise ValueError(f"no calibrated recipe ships for {model} (only for {', '.join(shipped)}): use --recipe "
+                             f"paper, or calibrate one (zeropur-export calibrate --model {model}) and pass its JSON")
+        return recipe, *build_config(ZOO[model][2], path)
+    if not Path(recipe).is_file():
+        raise ValueError(f"--recipe takes paper, calibrated or a config JSON file; {recipe!r} is none of these")
+    return Path(recipe).stem, *build_config(ZOO[model][2], recipe)
+
+
+def describe(cfg: ZeroPurConfig) -> str:
+    """The recipe in one line, in the units the README's tables use."""
+    ila = f"ILA {cfg.ila_weight:g}" + (" (normalised)" if cfg.ila_normalized else "")
+    return (f"sigma {cfg.blur_sigma:g}, eps {cfg.eps * 255:.3g}/255, GS {cfg.gs_steps} x {cfg.gs_step * 255:.3g}/255, "
+            f"AP {cfg.ap_steps} x {cfg.ap_step * 255:.3g}/255, {ila}")
+
+
+def recipe_artifacts(model: str, recipe: str, artifacts: str | Path | None = None,
+                     log: Callable[[str], None] = print) -> tuple[str, Path]:
+    """(recipe name, artifact directory) of ``model`` with ``recipe``: ``artifacts`` or artifacts/<model>-<recipe>,
+    exported if missing. A directory exported with another config is refused, so the name printed is what runs."""
+    name, cfg, calibration = recipe_config(model, recipe)
+    out = Path(artifacts or f"artifacts/{model}-{name}")
+    return name, ensure_artifacts(model, out, cfg, log=log, calibration=calibration)
+
 
 def ensure_artifacts(model: str, out_dir: str | Path, cfg: ZeroPurConfig | None = None,
-                     log: Callable[[str], None] = print) -> Path:
+                     log: Callable[[str], None] = print, calibration: dict[str, Any] | None = None) -> Path:
     """``out_dir`` if it already holds a valid artifact directory, else export ``model`` (real weights) into it.
 
-    An existing but invalid directory is an error (never silently overwritten).
+    An existing but invalid directory is an error (never silently overwritten); so is one exported with
+    a config other than ``cfg`` (when given).
     """
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).is_file():
         m = load_manifest(out_dir)
+        if m.model != model:
+            raise ValueError(f"{out_dir} holds {m.model}, not {model}; remove it or pick another --artifacts dir")
         if cfg is not None and m.config != cfg.to_dict():
             raise ValueError(f"{out_dir} was exported with another config; remove it or pick another --artifacts dir")
         return out_dir
+    from zeropur_export.onnx_export import export_artifacts
+    from zeropur_export.weights import find_weights
+    from zeropur_export.zoo import ZOO, load_victim
     if model not in ZOO:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(ZOO))}")
     weights = find_weights(model)
     cfg = cfg or preset(ZOO[model][2])
     log(f"exporting {model} to {out_dir} (once) ...")
     return export_artifacts(load_victim(model, weights=str(weights)), cfg, out_dir, model=model,
-                            weights_sha256=sha256_file(weights), log=log)
+                            weights_sha256=sha256_file(weights), calibration=calibration, log=log)
+
+
+def load_backend(artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
+                 threads: int | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """A ``zeropur_rt.Purifier`` over an artifact directory on a runtime backend, or on ``torch`` (the reference's
+    gradients behind the same loop). Overrides of the loss weights baked into the graphs are refused."""
+    if backend == "torch":
+        from zeropur_export.torch_runner import load_purifier
+        return load_purifier(artifact_dir, device or "cpu", overrides=overrides, threads=threads)
+    from zeropur_rt.pipeline import Purifier
+    return Purifier.load(artifact_dir, backend, device, threads=threads, overrides=overrides)

@@ -1,67 +1,37 @@
-"""``zeropur-export MODEL --out DIR``: export a zoo victim's ZeroPur graphs into an artifact directory."""
+"""``zeropur-export``: every build-time command (needs torch).
+
+    zeropur-export export resnet20 --out artifacts/resnet20      # the victim's ZeroPur graphs + manifest
+    zeropur-export build-engines artifacts/resnet20              # TensorRT engines next to them
+    zeropur-export calibrate --model resnet20                    # a per-victim recipe
+    zeropur-export demo --model resnet20 --n 64                  # PGD, then purification, on real images
+    zeropur-export bench --model resnet20 --batch 1 32           # latency, cost model, steps sweep
+    zeropur-export eval --models resnet20 --n 200                # robust accuracy under ART attacks
+
+``zeropur-export COMMAND -h`` lists a command's options. The deploy-time CLI is ``zeropur-rt``.
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
+import importlib
 import sys
 import time
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from zeropur_rt.config import ZeroPurConfig, preset
 from zeropur_rt.files import sha256_file
 
-
-def _parse_value(raw: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {raw!r}")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(Fraction(raw)) if "/" in raw else float(raw)
-    return raw
+# Commands whose module keeps its own parser: "module:function", imported only when asked for (calibrate's
+# module may be absent from a partial install; its ImportError then reaches the user as a one-line error).
+DELEGATED = {
+    "build-engines": ("zeropur_export.engines:main_build_engines", "build TensorRT engines for an artifact directory"),
+    "calibrate": ("zeropur_export.calibrate.cli:main", "search a per-victim recipe on calibration rows"),
+    "demo": ("zeropur_export.demo:main", "PGD on the bare classifier, then purification: accuracy and time"),
+    "bench": ("zeropur_export.bench:main", "latency per backend and batch, cost model, steps sweep"),
+    "eval": ("zeropur_export.evaluate:main", "robust accuracy with and without ZeroPur, attacks from ART"),
+}
 
 
-def build_config(preset_name: str, config_file: str | None, sets: Sequence[str]) -> tuple[ZeroPurConfig, dict | None]:
-    """Preset, then a calibrated config file (bare config or {"config": ..., "calibration": ...}), then --set."""
-    cfg = preset(preset_name)
-    calibration = None
-    if config_file:
-        try:
-            raw = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read config file {config_file}: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{config_file} must hold a JSON object")
-        # provenance in the manifest: the calibration record if the file has one, else the file itself
-        calibration = raw.get("calibration") or {"config_file": Path(config_file).name,
-                                                 "sha256": sha256_file(config_file)}
-        cfg = ZeroPurConfig.from_dict({**cfg.to_dict(), **raw.get("config", raw if "calibration" not in raw else {})})
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    overrides: dict[str, Any] = {}
-    for kv in sets:
-        if "=" not in kv:
-            raise ValueError(f"--set expects key=value, got {kv!r}")
-        k, v = kv.split("=", 1)
-        if k not in fields:
-            raise ValueError(f"unknown config field {k!r}; valid fields: {', '.join(sorted(fields))}")
-        try:
-            overrides[k] = _parse_value(v, fields[k])
-        except (ValueError, ZeroDivisionError) as e:
-            raise ValueError(f"--set {kv}: {e}") from e
-    return (cfg.replace(**overrides) if overrides else cfg), calibration
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zeropur-export", description=__doc__,
-                                epilog="TensorRT engines: zeropur-export build-engines ARTIFACT_DIR [--precision fp32|fp16] "
-                                       "(see zeropur-export build-engines -h)")
+def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo architecture (e.g. resnet20, resnet56, preact_resnet18, wrn28_10, resnet50, vgg19_bn)")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--weights", help="weights file (state_dict); default: the known pretrained file")
@@ -70,18 +40,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="seeded random weights (tests, benchmarks)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
     p.add_argument("--preset", help="config preset (default: the model's own: cifar10 or imagenet)")
-    p.add_argument("--config", help="calibrated config JSON (overrides the preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
+    p.add_argument("--config", help="calibrated config JSON (overrides the preset), e.g. a shipped recipe")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. eps=8/255 ila_normalized=true")
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--verbose", action="store_true")
-    return p
 
 
-def run(args: argparse.Namespace) -> Path:
+def run_export(args: argparse.Namespace) -> Path:
+    from zeropur_export.build import build_config
     from zeropur_export.onnx_export import DEFAULT_OPSET, BatchRange, export_artifacts
     from zeropur_export.weights import KNOWN_WEIGHTS, find_weights, verify_sha256
     from zeropur_export.zoo import ZOO, load_victim, zoo_names
@@ -121,18 +92,32 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
+def make_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zeropur-export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    add_export_args(sub.add_parser("export", help="export a zoo victim's ZeroPur graphs into an artifact directory",
+                                   description="Export a zoo victim's ZeroPur graphs into an artifact directory."))
+    for name, (_, helptext) in DELEGATED.items():
+        # no options here: the command's own parser reads the rest of the line (its -h included)
+        sub.add_parser(name, help=helptext, add_help=False)
+    return ap
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["build-engines"]:
-        from zeropur_export.engines import main_build_engines
-        return main_build_engines(argv[1:])
-    args = make_parser().parse_args(argv)
+    ap = make_parser()
+    args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if args.cmd == "export" and rest:
+        ap.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
-        run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, OSError, RuntimeError) as e:
-        print(f"zeropur-export: error: {e}", file=sys.stderr)
+        if args.cmd == "export":
+            run_export(args)
+            return 0
+        module, func = DELEGATED[args.cmd][0].split(":")
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except (ValueError, ImportError, OSError, RuntimeError) as e:  # ArtifactError is a ValueError
+        print(f"zeropur-export {args.cmd}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

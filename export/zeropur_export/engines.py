@@ -10,7 +10,7 @@ rewritten atomically (temp file + rename) last, so a failed build leaves the dir
 A persistent timing cache (``timing_cache.sm<CC>.trt<MAJOR.MINOR>.bin`` in the artifact directory,
 or ``--timing-cache PATH``) makes rebuilds fast.
 
-Precision (see ``zeropur_rt.backend_trt.precision_plan``):
+Precision (see ``zeropur_rt.engine_record.precision_plan``):
   TensorRT 10.x: builder flags (fp16 = BuilderFlag.FP16; fp32 = TF32 cleared for fp32 parity).
   TensorRT 11.x: no FP16/BF16 flags, strongly typed networks only: fp16 builds from an FP16 copy
   of the ONNX graph (``onnx_fp16_copy``: convolutions/matmuls in float16, float32 elsewhere and at
@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from zeropur_rt.backend_trt import (PRECISIONS, CudaDevice, PrecisionPlan, TensorRTError, cc_str,
-                                    engine_filename, engine_key, import_tensorrt, precision_plan, sm_tag,
-                                    trt_major_minor)
+from zeropur_rt.cuda_driver import CudaDevice, CudaError
+from zeropur_rt.engine_record import (PRECISIONS, PrecisionPlan, cc_str, engine_filename, engine_key, precision_plan,
+                                      sm_tag, trt_major_minor)
+from zeropur_rt.runners.trt_engine import import_tensorrt
 from zeropur_rt.files import atomic_write_bytes, atomic_write_json, sha256_file
 from zeropur_rt.manifest import MANIFEST, Manifest, load_manifest
 
@@ -215,9 +216,9 @@ def build_engines(artifact_dir: str | os.PathLike, *, precision: str = "fp32", t
         log(f"engines {key} are up to date in {d} (pass --force to rebuild)")
         return dict(m.engines[key])
     log(f"building {key} for {gpu}: {plan.describe()}")
-    from zeropur_rt.backend_trt import _TrtLogger
+    from zeropur_rt.runners.trt_engine import TrtLogger
 
-    logger = _TrtLogger.make(trt, verbose)
+    logger = TrtLogger.make(trt, verbose)
     cache_path = Path(timing_cache) if timing_cache else timing_cache_path(d, cc, trt.__version__)
     cache = None
     if cache_path.is_file():
@@ -265,7 +266,7 @@ def build_engines(artifact_dir: str | os.PathLike, *, precision: str = "fp32", t
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zeropur-export build-engines",
                                 description="Build TensorRT engines for an artifact directory on this GPU.")
-    p.add_argument("artifact_dir", help="artifact directory written by `zeropur-export MODEL --out DIR`")
+    p.add_argument("artifact_dir", help="artifact directory written by `zeropur-export export MODEL --out DIR`")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (parity with the reference; TF32 off) or fp16 (TensorRT 10: BuilderFlag.FP16; "
                         "TensorRT 11: an FP16 copy of the ONNX graphs, convolutions in float16)")
@@ -288,7 +289,7 @@ def main_build_engines(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
         print(f"zeropur-export build-engines: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, OSError, RuntimeError, TensorRTError) as e:
+    except (ValueError, OSError, RuntimeError, CudaError) as e:
         print(f"zeropur-export build-engines: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,15 @@
 """Parity of exported graphs (ONNX Runtime, float32) against the torch reference.
 
 Truth is the reference in float64 (``victim.double()``); the error of a result is
-``||a - truth|| / ||truth||``. An exported graph passes when its ONNX Runtime float32 error
-is at most 2x the torch float32 reference's own error plus a float32 floor (``ABS_FLOOR``, a few
-ulps; for gs_grad's gradient the conditioning floor of the cosine, see ``conditioning_floor``)
-and below ``MAX_ERR``; isolated ReLU-mask flips are counted apart (see ``ParityRow.ok``).
+``||a - truth|| / ||truth||``. The float32 spread is measured on the same inputs on the same
+machine: the torch float32 reference run twice, with oneDNN's convolutions and with ATen's own
+(another summation order), and the larger of the two errors counts. How large float32 errors are
+depends on the CPU's kernels (AVX2 or AVX-512, core count), so a bound tied to one float32
+implementation's luck fails on another machine ("2x torch" failed on an AMD EPYC for ResNet-50
+gs_grad); the spread of two implementations moves with the machine. An exported graph passes when
+its ONNX Runtime float32 error is at most 2x that spread plus a float32 floor (``ABS_FLOOR``, a few
+ulps; for gs_grad's gradient the conditioning floor of the cosine, see ``conditioning_floor``) and
+below ``MAX_ERR``; isolated ReLU-mask flips are counted apart (see ``ParityRow.ok``).
 Used by tests/test_export.py and benchmarks/export_parity.py.
 """
 from __future__ import annotations
@@ -75,21 +80,39 @@ class ParityRow:
                     and self.outliers <= max(2, self.batch // 10, self.torch_flips))
 
 
-def parity_row(model: str, graph: str, output: str, label: str, ort: np.ndarray, t32: np.ndarray,
+def parity_row(model: str, graph: str, output: str, label: str, ort: np.ndarray, t32: np.ndarray | Sequence[np.ndarray],
                truth: np.ndarray, floor: float = ABS_FLOOR, calls: int = 1) -> ParityRow:
-    """One output's errors against the float64 truth, whole batch and per sample."""
+    """One output's errors against the float64 truth, whole batch and per sample. ``t32``: one float32
+    reference's result, or several (float32 implementations on the same inputs): each error is compared
+    with the largest of theirs, and flips count for the implementation that flipped most."""
+    refs = [t32] if isinstance(t32, np.ndarray) or np.ndim(t32) == 0 else list(t32)
     b = np.shape(truth)[0] if np.ndim(truth) >= 1 else 1
     outl, worst, med_ok, t_flips = 0, rel_err(ort, truth), True, 0
     if np.ndim(truth) >= 1 and b > 1:
-        per = np.array([(rel_err(ort[i], truth[i]), rel_err(t32[i], truth[i])) for i in range(b)])
-        med_o, med_t = np.median(per, axis=0)
-        fails = ~((per[:, 0] <= 2 * per[:, 1] + floor) & (per[:, 0] <= MAX_ERR))
-        outl = int((fails & (per[:, 0] > FLIP_RATIO * med_o)).sum())
-        t_flips = int((per[:, 1] > FLIP_RATIO * med_t).sum())
-        worst = float(per[:, 0].max())
+        per_ref = np.array([[rel_err(r[i], truth[i]) for i in range(b)] for r in refs])  # (implementations, samples)
+        per_o = np.array([rel_err(ort[i], truth[i]) for i in range(b)])
+        per_t = per_ref.max(0)
+        med_o, med_t = float(np.median(per_o)), float(np.median(per_ref, axis=1).max())
+        fails = ~((per_o <= 2 * per_t + floor) & (per_o <= MAX_ERR))
+        outl = int((fails & (per_o > FLIP_RATIO * med_o)).sum())
+        t_flips = max(int((row > FLIP_RATIO * np.median(row)).sum()) for row in per_ref)
+        worst = float(per_o.max())
         med_ok = bool(med_o <= 2 * med_t + floor and med_o <= MAX_ERR)
-    return ParityRow(model, graph, output, label, b, rel_err(ort, truth), rel_err(t32, truth), outl, worst, floor, med_ok,
-                     calls, t_flips)
+    return ParityRow(model, graph, output, label, b, rel_err(ort, truth), max(rel_err(r, truth) for r in refs), outl,
+                     worst, floor, med_ok, calls, t_flips)
+
+
+def without_onednn(fn, *args):
+    """``fn(*args)`` with torch's CPU convolutions in ATen's im2col + GEMM instead of oneDNN: another float32
+    summation order, equally valid. None where this torch has no oneDNN (no second order to measure)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    prev = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # mkldnn.flags() would also reset its TF32 and determinism flags
+    try:
+        return fn(*args)
+    finally:
+        torch.backends.mkldnn.enabled = prev
 
 
 def conditioning_floor(victim64: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> float:
@@ -201,8 +224,18 @@ def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs, x: torch.T
         t32 = chunked(lambda ins: torch_outputs(v32, cfg, graph, ins), ins32)
         o = chunked(lambda ins: ort_graphs.run(graph, ins), ort_ins)
         _, outs = graph_io(graph, n_ila)
-        for nm, tr, a, bb in zip(outs, truth, t32, o):
-            rows.append(parity_row(victim.name, graph, nm, what, bb, a, tr, (floors or {}).get(nm, ABS_FLOOR), b // gb))
+
+        def judge(refs: Sequence[Sequence[np.ndarray]]) -> list[ParityRow]:
+            return [parity_row(victim.name, graph, nm, what, o[i], [r[i] for r in refs], truth[i],
+                               (floors or {}).get(nm, ABS_FLOOR), b // gb) for i, nm in enumerate(outs)]
+        judged = judge([t32])
+        if not all(r.ok for r in judged):
+            # the second float32 implementation only matters when the first one's error is the smaller:
+            # the bound is their maximum, so measuring it lazily changes no verdict, only the time
+            alt = without_onednn(chunked, lambda ins: torch_outputs(v32, cfg, graph, ins), ins32)
+            if alt is not None:
+                judged = judge([t32, alt])
+        rows.extend(judged)
         return truth, t32, o
 
     add("classifier", [x], [x.double()], [x])

@@ -23,9 +23,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from zeropur_export.engines import build_engines  # noqa: E402
-from zeropur_rt import backend_trt as bt  # noqa: E402
+from zeropur_rt import engine_record as bt  # noqa: E402
 from zeropur_rt.manifest import load_manifest  # noqa: E402
-from zeropur_rt.purifier import Purifier  # noqa: E402
+from zeropur_rt.pipeline import Purifier  # noqa: E402
 
 GRAPHS = ("classifier", "gs_grad", "ap_setup", "ap_grad")
 
@@ -46,7 +46,7 @@ def trt_art20(art20):
 def pur_trt(trt_art20):
     pur = Purifier.load(trt_art20[0], backend="tensorrt", device="cuda")
     yield pur
-    pur.runner.close()
+    pur.close()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_resnet56_engines_build(victim56, tmp_path):
     pur = Purifier.load(art, backend="tensorrt", device="cuda", overrides={"gs_steps": 2, "ap_steps": 3})
     ort = Purifier.load(art, overrides={"gs_steps": 2, "ap_steps": 3}, threads=2)
     assert rel_err(pur.logits(x), ort.logits(x)) < 1e-4
-    pur.runner.close()
+    pur.close()
 
 
 def test_fp32_gradients_match_onnxruntime_and_torch(pur_trt, pur_ort, victim20, cifar):
@@ -89,18 +89,15 @@ def test_fp32_gradients_match_onnxruntime_and_torch(pur_trt, pur_ort, victim20, 
     xb = blur_torch(torch.from_numpy(x), pur_trt.cfg.blur_sigma).numpy()
     coarse = np.clip(x + pur_trt.cfg.eps * np.sign(np.random.default_rng(0).random(x.shape) - 0.5), 0, 1).astype(np.float32)
     feeds = {"classifier": {"x": x}, "gs_grad": {"x": x, "x_blur": xb}, "ap_setup": {"x_in": x, "coarse": coarse}}
-    consts = pur_ort.runner.run("ap_setup", feeds["ap_setup"])
-    feeds["ap_grad"] = dict(zip(pur_ort.manifest.graphs["ap_setup"]["outputs"], consts)) | {"fine": coarse}
+    feeds["ap_grad"] = pur_ort.run_graph("ap_setup", feeds["ap_setup"]) | {"fine": coarse}
     ref = ReferencePurifier(victim20, pur_trt.cfg)
-    torch_out = {"gs_grad": ref.gs_grad(torch.from_numpy(x), torch.from_numpy(xb))[0].numpy()}
+    torch_grad = ref.gs_grad(torch.from_numpy(x), torch.from_numpy(xb))[0].numpy()
     for g in GRAPHS:
-        a = pur_trt.runner.run(g, feeds[g])
-        b = pur_ort.runner.run(g, feeds[g])
-        for name, u, v in zip(pur_trt.manifest.graphs[g]["outputs"], a, b):
-            assert u.shape == v.shape and u.dtype == np.float32
-            assert rel_err(u, v) < 1e-4, f"{g}.{name}: TensorRT vs ONNX Runtime {rel_err(u, v):.2e}"
-    g_trt = pur_trt.runner.run("gs_grad", feeds["gs_grad"])[0]
-    assert rel_err(g_trt, torch_out["gs_grad"]) < 1e-4
+        a, b = pur_trt.run_graph(g, feeds[g]), pur_ort.run_graph(g, feeds[g])
+        for name in b:
+            assert a[name].shape == b[name].shape and a[name].dtype == np.float32
+            assert rel_err(a[name], b[name]) < 1e-4, f"{g}.{name}: TensorRT vs ONNX Runtime {rel_err(a[name], b[name]):.2e}"
+    assert rel_err(pur_trt.run_graph("gs_grad", feeds["gs_grad"])["grad"], torch_grad) < 1e-4
 
 
 def test_teacher_forced_parity_on_tensorrt(pur_trt, victim20, cifar):
@@ -108,7 +105,7 @@ def test_teacher_forced_parity_on_tensorrt(pur_trt, victim20, cifar):
     rows = teacher_forced(pur_trt, victim20, cifar[0][:16])
     failing = [r for r in rows if not r.ok]
     assert len(failing) <= len(rows) // 10, failing
-    assert all(np.isfinite(r.runtime_err) and r.runtime_err < 1e-2 for r in rows)
+    assert all(np.isfinite(r.ort_err) and r.ort_err < 1e-2 for r in rows)
 
 
 def test_purifier_on_tensorrt_agrees_with_torch_reference(pur_trt, victim20, cifar):
@@ -117,14 +114,14 @@ def test_purifier_on_tensorrt_agrees_with_torch_reference(pur_trt, victim20, cif
     r = free_running(pur_trt, victim20, x, y, batch=32)
     print(f"\nTensorRT free-running: same prediction {r['same_prediction']:.4f}, same pixels {r['same_pixels']:.4f}")
     assert r["same_prediction"] >= 63 / 64
-    assert abs(r["acc_runtime"] - r["acc_reference"]) <= 2 * 100 / 64
+    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
 
 
 def test_batch_above_profile_is_refused(pur_trt):
     hi = pur_trt.runner.batch["max"]
     x = np.zeros((hi + 1, 3, 32, 32), np.float32)
-    with pytest.raises(bt.BatchSizeError, match=f"maximum batch {hi}"):
-        pur_trt.runner.run("classifier", {"x": x})
+    with pytest.raises(ValueError, match=f"maximum batch {hi}"):
+        pur_trt.purify(x)
 
 
 def test_engines_for_another_tensorrt_are_refused(trt_art20, tmp_path):
@@ -139,23 +136,19 @@ def test_engines_for_another_tensorrt_are_refused(trt_art20, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def loops(pur_trt):
-    with_graph = bt.TensorRTLoop(pur_trt, cuda_graph=True)
-    plain = bt.TensorRTLoop(pur_trt, cuda_graph=False)
-    yield with_graph, plain
-    with_graph.close()
-    plain.close()
+def loops(trt_art20):
+    with Purifier.load(trt_art20[0], backend="tensorrt", cuda_graph=True) as graph, \
+            Purifier.load(trt_art20[0], backend="tensorrt", cuda_graph=False) as plain:
+        yield graph, plain
 
 
-def test_device_loop_matches_host_loop(loops, pur_trt, cifar):
+def test_device_loop_agrees_with_onnxruntime(loops, pur_ort, cifar):
     _, plain = loops
     x = cifar[0][:32]
     out_dev, pred_dev = plain.purify_and_classify(x)
-    out_host, pred_host = pur_trt.purify_and_classify(x)
-    # same engines, same kernels (bit-exact twins): only TensorRT's own run-to-run determinism separates them
+    out_host, pred_host = pur_ort.purify_and_classify(x)
     assert np.mean(pred_dev == pred_host) >= 31 / 32
-    assert np.max(np.abs(out_dev - out_host)) <= 2 * pur_trt.cfg.eps + 1e-6
-    assert np.mean(out_dev == out_host) >= 0.9
+    assert np.max(np.abs(out_dev - out_host)) <= 2 * plain.cfg.eps + 1e-6
 
 
 def test_cuda_graph_replay_equals_plain_run_bit_for_bit(loops, cifar):
@@ -182,4 +175,4 @@ def test_fp16_engines_build_and_roughly_agree(trt_art20, pur_ort, cifar):
     p16 = pur16.classify(x)
     p32 = pur_ort.classify(x)
     assert np.mean(p16 == p32) >= 0.9
-    pur16.runner.close()
+    pur16.close()

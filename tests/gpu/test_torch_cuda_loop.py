@@ -1,5 +1,5 @@
-"""GPU tests of the torch-CUDA device loop: torch gradients + our CUDA kernels on torch's stream,
-eager and CUDA-graph replayed, against the Purifier's host loop on the same GPU gradients.
+"""GPU tests of the torch runner on CUDA: the reference's gradients + our CUDA kernels on torch's stream,
+eager and CUDA-graph replayed, against the reference's own torch kernels on the same GPU gradients.
 
 Skipped, with the reason, where torch has no CUDA or cuda-python / a CUDA device is missing.
 """
@@ -17,16 +17,16 @@ _ok, _why = zc.cuda_python_available()
 if not _ok:
     pytest.skip(f"no GPU path: {_why}", allow_module_level=True)
 
-from zeropur_rt.backend_torch_cuda import TorchCudaLoop  # noqa: E402
-from zeropur_rt.purifier import Purifier  # noqa: E402
+from zeropur_export.reference import TorchKernels  # noqa: E402
+from zeropur_export.torch_runner import load_purifier  # noqa: E402
+from zeropur_rt.pipeline import Purifier  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def pur(art20):
+@pytest.fixture(scope="module", autouse=True)
+def deterministic():
     # Bit-level comparisons need the same convolution algorithms on every call, and float32, not TF32.
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.backends.cudnn.allow_tf32 = False
-    return Purifier.load(art20, backend="torch", device="cuda")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,11 @@ def x8(cifar):
     return np.ascontiguousarray(cifar[0][:8])
 
 
-def test_graph_replay_equals_eager_bit_for_bit(pur, x8):
-    with TorchCudaLoop(pur, cuda_graph=False) as eager, TorchCudaLoop(pur, cuda_graph=True) as graphed:
+def test_graph_replay_equals_eager_bit_for_bit(art20, victim20, x8):
+    with load_purifier(art20, "cuda", victim=victim20, cuda_graph=False) as eager, \
+            load_purifier(art20, "cuda", victim=victim20, cuda_graph=True) as graphed:
         a = eager.purify(x8)
-        b = graphed.purify(x8)  # capture + first replay
+        b = graphed.purify(x8)  # eager run, then capture
         assert graphed.graph_captured(8)
         c = graphed.purify(x8[::-1].copy())  # replays see new inputs, not the captured ones
         d = graphed.purify(x8)
@@ -47,35 +48,31 @@ def test_graph_replay_equals_eager_bit_for_bit(pur, x8):
         assert not np.array_equal(a, x8)  # it purified something
         assert not graphed.graph_captured(3)
         graphed.purify(x8[:3])
+        graphed.purify(x8[:3])
         assert graphed.graph_captured(3)
 
 
-def test_device_loop_matches_host_loop(pur, x8):
-    """Same GPU gradients; CUDA kernels on the device vs host kernels after a copy per step."""
-    with TorchCudaLoop(pur, cuda_graph=True) as loop:
-        dev, pred_dev = loop.purify_and_classify(x8)
-    host, pred_host = pur.purify_and_classify(x8)
-    assert np.array_equal(pred_dev, pred_host)
-    assert np.mean(dev == host) >= 0.99, f"identical pixels {np.mean(dev == host):.4f}"
-    eps = pur.cfg.eps
-    assert np.all(np.abs(dev - x8) <= eps + 1e-6) and dev.min() >= 0 and dev.max() <= 1
+def test_cuda_kernels_match_the_reference_kernels_on_the_same_gradients(art20, victim20, x8):
+    with load_purifier(art20, "cuda", victim=victim20) as dev:
+        out, pred = dev.purify_and_classify(x8)
+        out, pred = dev.purify_and_classify(x8)  # the replayed graph
+        runner = dev.runner
+        ref = Purifier(runner, TorchKernels(runner.tensor), dev.cfg, input_shape=dev.chw, batch=dev.batch,
+                       has_ap=True, cuda_graph=False)
+        out_ref, pred_ref = ref.purify_and_classify(x8)
+    assert np.array_equal(pred, pred_ref)
+    assert np.mean(out == out_ref) >= 0.99, f"identical pixels {np.mean(out == out_ref):.4f}"
+    eps = dev.cfg.eps
+    assert np.all(np.abs(out - x8) <= eps + 1e-6) and out.min() >= 0 and out.max() <= 1
 
 
-def test_cuda_tensor_in_cuda_tensor_out(pur, x8):
-    with TorchCudaLoop(pur) as loop:
-        xt = torch.from_numpy(x8).cuda()
-        out = loop.purify(xt)
-        assert isinstance(out, torch.Tensor) and out.is_cuda and out.shape == xt.shape
-        assert np.array_equal(out.cpu().numpy(), loop.purify(x8))
-
-
-def test_bad_input(pur, x8, art20):
-    with TorchCudaLoop(pur) as loop:
-        bad = torch.from_numpy(x8).cuda()
+def test_bad_input(art20, victim20, x8):
+    with load_purifier(art20, "cuda", victim=victim20) as pur:
+        bad = x8.copy()
         bad[0, 0, 0, 0] = float("nan")
         with pytest.raises(ValueError, match="(?i)nan|finite"):
-            loop.purify(bad)
+            pur.purify(bad)
         with pytest.raises(ValueError):
-            loop.purify(np.zeros((pur.max_batch + 1, 3, 32, 32), np.float32))
-    with pytest.raises(ValueError, match="backend='torch', device='cuda'"):
-        TorchCudaLoop(Purifier.load(art20, backend="onnxruntime"))
+            pur.purify(np.zeros((pur.max_batch + 1, 3, 32, 32), np.float32))
+        with pytest.raises(ValueError, match="pass host images"):
+            pur.purify(torch.from_numpy(x8).cuda())

@@ -47,5 +47,5 @@ class HostMemory:
     def capture(self, enqueue: Callable[[], None]) -> None:
         return None
 
-    def release(self, bufs: Any) -> None:
+    def release(self, buffers: list[Any], n: int | None = None) -> None:
         pass

@@ -167,11 +167,12 @@ class TensorRTRunner:
             return None
         return _Replay(self.cuda, graph_exec, self.stream)
 
-    def release(self, bufs: Any) -> None:
+    def release(self, buffers: list[DeviceBuffer], n: int | None = None) -> None:
+        """Free ``buffers``; with ``n``, also the execution contexts of batch n."""
         self.sync()
-        for _, b in bufs.items():
+        for b in buffers:
             self.cuda.free(b.ptr)
-        for key in [k for k in self._contexts if k[1] == bufs.n]:
+        for key in [k for k in self._contexts if k[1] == n]:
             del self._contexts[key]
             self._shapes.pop(key, None)
 

@@ -3,8 +3,8 @@
 Public API, usable from any ART (adversarial-robustness-toolbox >= 1.18) code::
 
     from art.attacks.evasion import ProjectedGradientDescent
-    from zeropur_rt.purifier import Purifier
-    from benchmarks.art_preprocessor import ZeroPurPreprocessor, bpda_classifier
+    from zeropur_rt import Purifier
+    from zeropur_export.art_preprocessor import ZeroPurPreprocessor, bpda_classifier
 
     pur = Purifier.load("artifacts/resnet20")
     clf = bpda_classifier(victim, pur, eot_samples=1)        # PyTorchClassifier(..., preprocessing_defences=[ZeroPurPreprocessor(pur)])
@@ -43,6 +43,7 @@ import numpy as np
 EVAL_HINT = "install the evaluation extras: pip install 'zeropur-rt[eval]'"
 
 try:
+    import art  # noqa: F401  (the package itself: its submodules may outlive it in sys.modules)
     import torch
     from art.defences.preprocessor import Preprocessor
     from art.estimators.classification import PyTorchClassifier
@@ -55,7 +56,7 @@ __all__ = ["ZeroPurPreprocessor", "EOTPyTorchClassifier", "bpda_classifier"]
 class ZeroPurPreprocessor(Preprocessor):
     """The ZeroPur runtime purifier as an ART preprocessor (forward = purify, backward = identity).
 
-    ``purifier`` is a ``zeropur_rt.purifier.Purifier`` (any backend). ``batch_size`` caps the
+    ``purifier`` is a ``zeropur_rt.Purifier`` (any backend). ``batch_size`` caps the
     images per purifier call (default and maximum: the artifact's max batch). ``calls``,
     ``images`` and ``seconds`` count the work done, for cost reports.
     """

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from zeropur_rt.config import ZeroPurConfig
+
+if TYPE_CHECKING:
+    from zeropur_export.reference import APMode
+    from zeropur_export.taps import Victim
+
 
 @contextmanager
-def count_passes(victim) -> Iterator[dict[str, int]]:
+def count_passes(victim: "Victim") -> Iterator[dict[str, int]]:
     """Counts forward passes through ``victim.net`` per image, and those recorded for autograd (each one is
     back-propagated exactly once by the reference, so it also counts one backward pass)."""
     import torch
@@ -29,7 +35,7 @@ def count_passes(victim) -> Iterator[dict[str, int]]:
         h.remove()
 
 
-def forward_equivalents(victim, cfg, ap_mode: str) -> dict[str, float]:
+def forward_equivalents(victim: "Victim", cfg: ZeroPurConfig, ap_mode: "APMode") -> dict[str, float]:
     """Forward passes, backward passes and F-equivalents per image. With frozen weights a backward pass
     computes input gradients only (one transposed conv per conv): about 1 F of MACs, 2 F by the usual
     convention that also counts weight gradients; both are reported."""
@@ -37,7 +43,8 @@ def forward_equivalents(victim, cfg, ap_mode: str) -> dict[str, float]:
 
     from zeropur_export.reference import ReferencePurifier
 
-    pur = ReferencePurifier(victim, cfg, ap_mode)  # type: ignore[arg-type]
+    pur = ReferencePurifier(victim, cfg, ap_mode)
+    pur.runner.output_shapes("classifier", 1)  # the runner's one-time shape probe runs forwards too: not counted
     x = torch.rand(2, *victim.spec.input_shape)
     with count_passes(victim) as c:
         pur.purify(x)
@@ -73,12 +80,12 @@ def graph_macs(onnx_path: str | Path) -> int:
     return macs
 
 
-def purification_macs(artifact_dir: str | Path, cfg) -> dict[str, int]:
+def purification_macs(artifact_dir: str | Path, cfg: ZeroPurConfig) -> dict[str, object]:
     """MACs per image of one purification, from the exported graphs."""
     d = Path(artifact_dir)
     per = {g: graph_macs(d / f"{g}.onnx") for g in ("classifier", "gs_grad", "ap_setup", "ap_grad") if (d / f"{g}.onnx").exists()}
     total = cfg.gs_steps * per["gs_grad"] + (per.get("ap_setup", 0) + cfg.ap_steps * per.get("ap_grad", 0) if cfg.ap_steps else 0)
-    return dict(per_graph=per, purification=total)  # type: ignore[dict-item]
+    return dict(per_graph=per, purification=total)
 
 
 def cpu_peak_gflops(n: int = 1024, repeats: int = 5) -> float:

@@ -1,27 +1,33 @@
-"""``zeropur-rt bench``: purification latency per backend and batch size, the cost model, and the steps sweep.
+"""``zeropur-export bench``: purification latency per backend and batch size, the cost model, and the steps sweep.
 
-    zeropur-rt bench --model resnet20 --batch 1 32 --repeats 3 --out runs/bench_resnet20
-    zeropur-rt bench --model resnet20 --sweep --sweep-n 200 --out runs/sweep_resnet20
+    zeropur-export bench --model resnet20 --batch 1 32 --repeats 3 --out runs/bench_resnet20
+    zeropur-export bench --model resnet20 --sweep --sweep-n 200 --out runs/sweep_resnet20
 
 Backends: ``released`` (torch reference, re-computing AP: the released code's cost), ``lean``
 (torch reference, lean AP), ``onnxruntime`` (zeropur-rt: exported graphs + host kernels), and
 where present ``torch-cuda`` (reference on the GPU). Every figure of one table comes from one run
-on one machine; ratios are against ``released`` measured in that same run.
+on one machine; ratios are against ``released`` measured in that same run. Every row runs the
+artifact's config with the same ``--set`` overrides; a loss weight baked into the graphs is refused
+rather than changed on the torch rows alone.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from zeropur_rt.config import ZeroPurConfig, apply_overrides, parse_sets
 from zeropur_rt.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from zeropur_rt.progress import progress
+
+if TYPE_CHECKING:
+    from zeropur_export.taps import Victim
 
 TORCH_BACKENDS = ("released", "lean", "torch-cuda")
 ALL_BACKENDS = (*TORCH_BACKENDS, "onnxruntime")
@@ -65,8 +71,12 @@ def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
     return out
 
 
-def make_purify_fn(backend: str, victim, cfg, art: Path, threads: int, x: np.ndarray):
-    """A zero-argument callable purifying ``x`` on ``backend``, and a stage-time accumulator or None."""
+def make_purify_fn(backend: str, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,
+                   threads: int, x: np.ndarray) -> tuple[Callable[[], None], dict[str, float] | None]:
+    """A zero-argument callable purifying ``x`` on ``backend``, and a stage-time accumulator or None.
+
+    ``cfg`` is the artifact's config with ``overrides`` applied: the torch rows run it, the runtime
+    row loads the artifact with the same overrides."""
     if backend in TORCH_BACKENDS:
         import torch
 
@@ -83,8 +93,8 @@ def make_purify_fn(backend: str, victim, cfg, art: Path, threads: int, x: np.nda
                 torch.cuda.synchronize()
         return run, None
     if backend == "onnxruntime":
-        from zeropur_rt.purifier import Purifier
-        pur = Purifier.load(art, "onnxruntime", threads=threads, overrides=_loop_overrides(cfg))
+        from zeropur_rt.pipeline import Purifier
+        pur = Purifier.load(art, "onnxruntime", threads=threads, overrides=overrides)
         stages: dict[str, float] = {}
 
         def run():
@@ -95,26 +105,19 @@ def make_purify_fn(backend: str, victim, cfg, art: Path, threads: int, x: np.nda
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(ALL_BACKENDS)}")
 
 
-def _loop_overrides(cfg) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("gs_steps", "ap_steps", "eps", "gs_step", "ap_step", "blur_sigma")}
-
-
-def run_latency(args: argparse.Namespace, victim, cfg, art: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    from benchmarks.costs import cpu_peak_gflops, forward_equivalents, purification_macs
+def run_latency(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    from zeropur_export.costs import cpu_peak_gflops, forward_equivalents, purification_macs
     from zeropur_rt.data import load_cifar10_test, to_nchw_float
 
-    max_batch = json.loads((art / "manifest.json").read_text())["batch"]["max"]
-    too_big = [b for b in args.batch if b > max_batch or b < 1]
-    if too_big:
-        raise ValueError(f"batch sizes {too_big} do not fit this artifact (1..{max_batch}); re-export with --max-batch")
     xs, _ = load_cifar10_test(args.data, 0, max(args.batch))
     x_all = to_nchw_float(xs)
     cost = dict(fe_released=forward_equivalents(victim, cfg, "recompute"), fe_lean=forward_equivalents(victim, cfg, "lean"),
                 macs=purification_macs(art, cfg), peak_gflops=cpu_peak_gflops())
     rows = []
     combos = [(be, b) for b in args.batch for be in args.backends]
-    for be, b in _progress(combos, "bench"):
-        fn, stages = make_purify_fn(be, victim, cfg, art, args.threads, x_all[:b])
+    for be, b in progress(combos, "bench"):
+        fn, stages = make_purify_fn(be, victim, cfg, overrides, art, args.threads, x_all[:b])
         reps = args.repeats if be != "released" or b <= 32 else max(1, args.repeats // 2)
         t = np.array(_timed(fn, args.warmup, reps))
         p50 = float(np.percentile(t, 50))
@@ -188,20 +191,24 @@ def _save_fig(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def run_sweep(args: argparse.Namespace, victim, cfg, art: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def run_sweep(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,
+              log: Callable[[str], None]) -> dict[str, Any]:
     """GS/AP step counts vs latency (ONNX Runtime) and purified PGD-20 accuracy."""
     import torch
 
     from zeropur_export.attacks import pgd_linf
     from zeropur_rt.data import load_cifar10_test, to_nchw_float
-    from zeropur_rt.purifier import Purifier
+    from zeropur_rt.pipeline import Purifier
     xs, ys = load_cifar10_test(args.data, 0, args.sweep_n)
     x = to_nchw_float(xs)
     adv = pgd_linf(victim, torch.from_numpy(x), torch.from_numpy(ys)).numpy()
     rows = []
     grid = [(g, a) for g in args.sweep_gs for a in args.sweep_ap]
-    for gs, apn in _progress(grid, "sweep"):
-        pur = Purifier.load(art, threads=args.threads, overrides=dict(gs_steps=gs, ap_steps=apn))
+    for gs, apn in progress(grid, "sweep"):
+        # ap_step pinned: the eps -> ap_step rule would lengthen the steps as their count drops,
+        # and the sweep asks what fewer steps of the recipe's size buy
+        steps = dict(gs_steps=gs, ap_steps=apn, ap_step=cfg.ap_step)
+        pur = Purifier.load(art, threads=args.threads, overrides={**overrides, **steps})
         t, correct_adv, correct_clean = 0.0, 0, 0
         for i in range(0, len(x), 50):
             t0 = time.perf_counter()
@@ -244,24 +251,18 @@ def sweep_plot(res: dict[str, Any], path: Path) -> None:
     _save_fig(fig, path)
 
 
-def _progress(items, desc: str):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc=desc, leave=False)
-    except ImportError:
-        return items
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zeropur-rt bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="zeropur-export bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
-    ap.add_argument("--artifacts", default=None, help="artifact dir (default artifacts/<model>; exported if missing)")
+    ap.add_argument("--artifacts", default=None, help="artifact dir, used with the config it was exported with "
+                    "(default artifacts/<model>-paper: the paper recipe, exported if missing)")
     ap.add_argument("--backends", nargs="+", default=["released", "lean", "onnxruntime"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="loop overrides, e.g. gs_steps=2 ap_steps=2")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="loop overrides for every row, e.g. gs_steps=2 eps=8/255 (not the baked loss weights)")
     ap.add_argument("--sweep", action="store_true", help="run the GS/AP steps sweep instead of the latency table")
     ap.add_argument("--sweep-n", type=int, default=200)
     ap.add_argument("--sweep-gs", nargs="+", type=int, default=[0, 5, 10])
@@ -272,24 +273,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in args.backends if b not in ALL_BACKENDS]
     if unknown:
         ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+    overrides = parse_sets(args.set)
     import torch
 
-    from zeropur_export.build import ensure_artifacts
+    from zeropur_export.build import ensure_artifacts, recipe_artifacts
     from zeropur_export.zoo import load_victim
     from zeropur_rt.manifest import load_manifest
     torch.set_num_threads(args.threads)
-    art = ensure_artifacts(args.model, Path(args.artifacts or f"artifacts/{args.model}"))
-    cfg = load_manifest(art).zeropur_config
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        cfg = cfg.replace(**{k: type(getattr(cfg, k))(v)})
+    art = ensure_artifacts(args.model, args.artifacts) if args.artifacts else recipe_artifacts(args.model, "paper")[1]
+    manifest = load_manifest(art)
+    cfg = apply_overrides(manifest.zeropur_config, overrides, baked=True)
+    max_batch = manifest.batch["max"]
+    too_big = [b for b in args.batch if b > max_batch or b < 1]
+    if too_big and not args.sweep:
+        raise ValueError(f"batch sizes {too_big} do not fit this artifact (1..{max_batch}); re-export with --max-batch")
     victim = load_victim(args.model)
     out = Path(args.out or f"runs/{'sweep' if args.sweep else 'bench'}_{args.model}")
     if args.sweep:
-        res = run_sweep(args, victim, cfg, art, print)
+        res = run_sweep(args, victim, cfg, overrides, art, print)
         md, plot = sweep_markdown(res), sweep_plot
     else:
-        res = run_latency(args, victim, cfg, art, print)
+        res = run_latency(args, victim, cfg, overrides, art, print)
         md, plot = latency_markdown(res), latency_plot
     print("\n" + md)
     out.mkdir(parents=True, exist_ok=True)

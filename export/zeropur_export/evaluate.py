@@ -1,6 +1,6 @@
-"""``zeropur-rt eval``: robust accuracy of zoo victims with and without ZeroPur, attacks from ART.
+"""``zeropur-export eval``: robust accuracy of zoo victims with and without ZeroPur, attacks from ART.
 
-    zeropur-rt eval --models resnet20 resnet56 --n 200 --attacks pgd apgd-ce apgd-dlr bpda \\
+    zeropur-export eval --models resnet20 resnet56 --n 200 --attacks pgd apgd-ce apgd-dlr bpda \\
         --apgd-iter 100 --bpda-steps 20 --bpda-n 50 --out runs/eval_{model}
 
 Attacks (all L-inf, eps 8/255 by default, from the Adversarial Robustness Toolbox, not our own code):
@@ -14,7 +14,7 @@ Attacks (all L-inf, eps 8/255 by default, from the Adversarial Robustness Toolbo
   robust only if it survives both (AutoAttack's per-image worst case over the pair).
 * ``bpda``: adaptive attack through the purifier. ART ``ProjectedGradientDescent`` (step 2/255,
   ``--bpda-steps`` steps, one random start) on a ``PyTorchClassifier`` whose preprocessing defence
-  is ``benchmarks.art_preprocessor.ZeroPurPreprocessor``: forward = our runtime purifier, backward =
+  is ``zeropur_export.art_preprocessor.ZeroPurPreprocessor``: forward = our runtime purifier, backward =
   identity (BPDA), ``--eot`` gradient samples per step (1: ZeroPur is deterministic). Each step
   purifies the batch once per EOT sample, plus two more purifications per image for the
   success rate ART logs at the end (clean and adversarial predictions): steps + 2 purifications
@@ -25,43 +25,33 @@ Attacks (all L-inf, eps 8/255 by default, from the Adversarial Robustness Toolbo
 the bare victim (torch), "with ZeroPur" purifies it with the runtime and classifies with the
 exported classifier. Per model the report holds clean accuracy with/without purification,
 these rows, image counts, seeds and wall times; JSON + markdown are written atomically at the
-end of each model (an error leaves no partial file).
+end of each model (an error leaves no partial file). ``--set`` changes the purifier's loop; a loss
+weight baked into the exported graphs is refused (re-export instead).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 
+from zeropur_rt.config import parse_sets
 from zeropur_rt.files import atomic_write_json, atomic_write_text
+from zeropur_rt.progress import progress
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "bpda")
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-EVAL_HINT = "pip install 'zeropur-rt[eval]'"
 WORST = "apgd-ce+dlr (worst)"
 
 
-def _progress(items, desc: str, disable: bool = False):
-    try:
-        from tqdm import tqdm
-        return tqdm(items, desc=desc, leave=False, disable=disable or len(items) < 2, file=sys.stderr)
-    except ImportError:
-        return items
-
-
-def _require_art():
-    """The ART glue module, or an ImportError that says how to install it."""
-    try:
-        import art  # noqa: F401
-        from benchmarks import art_preprocessor
-    except ImportError as e:
-        raise ImportError(f"the robustness evaluation needs adversarial-robustness-toolbox (ART) and torch: {e}; "
-                          f"install them with {EVAL_HINT}") from e
-    return art_preprocessor
+def _require_art() -> ModuleType:
+    """The ART glue module; without ART its ImportError says how to install it."""
+    return importlib.import_module("zeropur_export.art_preprocessor")
 
 
 def parse_rows(s: str) -> tuple[int, int]:
@@ -75,25 +65,8 @@ def parse_rows(s: str) -> tuple[int, int]:
     return start, stop
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    from zeropur_rt.config import ZeroPurConfig
-    fields = ZeroPurConfig()
-    out: dict[str, Any] = {}
-    for kv in items:
-        k, sep, v = kv.partition("=")
-        if not sep or not hasattr(fields, k):
-            raise ValueError(f"--set takes KEY=VALUE with KEY a ZeroPur config field "
-                             f"({', '.join(sorted(vars(fields)))}), got {kv!r}")
-        typ = type(getattr(fields, k))
-        try:
-            out[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
-        except ValueError:
-            raise ValueError(f"--set {k}: {v!r} is not a valid {typ.__name__}") from None
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="zeropur-rt eval", description=__doc__.splitlines()[0],
+    ap = argparse.ArgumentParser(prog="zeropur-export eval", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet20"])
     ap.add_argument("--n", type=int, default=100, help="images: test rows 0..N-1 (default 100)")
@@ -107,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eot", type=int, default=1, help="EOT gradient samples per BPDA step (ZeroPur is deterministic: 1)")
     ap.add_argument("--batch", type=int, default=32, help="images per attack / purifier call (<= artifact max batch)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--backend", default="onnxruntime", help=f"purifier backend: {', '.join(BACKENDS)}")
+    ap.add_argument("--device", default=None, help="purifier device (default: the backend's own)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--artifacts", default=None, help="artifact dir (default artifacts/<model>, exported if missing); "
-                    "may contain {model}")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="purifier loop overrides, e.g. gs_steps=2")
+    ap.add_argument("--artifacts", default=None, help="artifact dir, used with the config it was exported with; may "
+                    "contain {model} (default artifacts/<model>-paper: the paper recipe, exported if missing)")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="purifier loop overrides, e.g. gs_steps=2 eps=8/255 (not the baked loss weights)")
     ap.add_argument("--data", default=None, help="CIFAR-10 test .npz (default <shared>/data/cifar10_test.npz)")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval_<model>); may contain {model}")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -134,12 +109,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--bpda-n must be >= 1, got {args.bpda_n}")
     if not 0 < args.eps <= 255:
         raise ValueError(f"--eps is in 1/255 units and must be in (0, 255], got {args.eps}")
-    args.overrides = parse_overrides(args.set)
+    args.overrides = parse_sets(args.set)
 
 
-def _dir_for(template: str | None, default: str, model: str, n_models: int) -> Path:
-    if template is None:
-        return Path(default.format(model=model))
+def _dir_for(template: str, model: str, n_models: int) -> Path:
+    """``template`` with {model} filled in; without one, a subfolder per model when there are several."""
     if "{model}" in template:
         return Path(template.format(model=model))
     return Path(template) / model if n_models > 1 else Path(template)
@@ -153,18 +127,17 @@ class Evaluator:
     """One model: the purifier, the ART classifiers, and batched prediction helpers."""
 
     def __init__(self, model: str, args: argparse.Namespace, log: Callable[[str], None]):
-        from zeropur_export.build import ensure_artifacts
-        from zeropur_rt.purifier import Purifier
+        from zeropur_export.build import ensure_artifacts, load_backend, recipe_artifacts
         self.model, self.args, self.log = model, args, log
         self.glue = _require_art()
-        art_dir = _dir_for(args.artifacts, "artifacts/{model}", model, len(args.models))
-        self.art_dir = ensure_artifacts(model, art_dir, log=log)
-        self.pur = Purifier.load(self.art_dir, args.backend, threads=args.threads, overrides=args.overrides)
+        if args.artifacts:
+            self.art_dir = ensure_artifacts(model, _dir_for(args.artifacts, model, len(args.models)), log=log)
+        else:
+            self.art_dir = recipe_artifacts(model, "paper", log=log)[1]
+        self.pur = load_backend(self.art_dir, args.backend, args.device, args.threads, args.overrides)
         if args.batch > self.pur.max_batch:
             raise ValueError(f"--batch {args.batch} does not fit artifact {self.art_dir} (max batch "
                              f"{self.pur.max_batch}); use a smaller --batch or re-export with a larger --max-batch")
-        if self.pur.manifest.model != model:
-            raise ValueError(f"artifact {self.art_dir} is for {self.pur.manifest.model}, not {model}")
 
     def load(self) -> None:
         """The heavy part (victim weights, ART classifier), after every model passed the checks."""
@@ -181,11 +154,11 @@ class Evaluator:
 
     def purified_pred(self, x: np.ndarray, desc: str) -> np.ndarray:
         out = np.empty(len(x), dtype=np.int64)
-        for sl in _progress(self._chunks(len(x)), desc, self.args.quiet):
+        for sl in progress(self._chunks(len(x)), desc, enabled=not self.args.quiet):
             out[sl] = self.pur.purify_and_classify(x[sl])[1]
         return out
 
-    def make_attack(self, name: str):
+    def make_attack(self, name: str) -> tuple[Any, dict[str, Any]]:
         from art.attacks.evasion import AutoProjectedGradientDescent, ProjectedGradientDescent
         a, eps = self.args, self.args.eps / 255
         if name == "pgd":
@@ -232,7 +205,7 @@ class Evaluator:
             torch.manual_seed(a.seed)
             t0 = time.perf_counter()
             adv = np.empty_like(xa)
-            for sl in _progress(self._chunks(k), f"{self.model} {name}", a.quiet):
+            for sl in progress(self._chunks(k), f"{self.model} {name}", enabled=not a.quiet):
                 adv[sl] = attack.generate(xa[sl], ya[sl])
             t_att = time.perf_counter() - t0
             linf = float(np.abs(adv - xa).max())
@@ -294,22 +267,12 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args = ap.parse_args(argv)
-    from zeropur_rt.manifest import ArtifactError
-    try:
-        return _main(args)
-    except (ArtifactError, ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
-        print(f"zeropur-rt eval: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(args: argparse.Namespace) -> int:
+    args = build_parser().parse_args(argv)
     validate_args(args)
     _require_art()
     import torch
 
-    from benchmarks.bench import machine_info
+    from zeropur_export.bench import machine_info
     from zeropur_rt.data import load_cifar10_test, to_nchw_float
     torch.set_num_threads(args.threads)
     log = print
@@ -323,9 +286,9 @@ def _main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         res = ev.run(x, ys)
         res.update(wall_s=time.perf_counter() - t0, machine=machine, art_version=__import__("art").__version__,
-                   argv=sys.argv[1:])
+                   argv=sys.argv[1:] if argv is None else list(argv))
         md = markdown(res)
-        out = _dir_for(args.out, "runs/eval_{model}", ev.model, len(args.models))
+        out = _dir_for(args.out or "runs/eval_{model}", ev.model, len(args.models))
         atomic_write_text(out / "eval.md", md + "\n")
         atomic_write_json(out / "eval.json", res)
         print("\n" + md + f"\n\nwrote {out}/eval.json, eval.md ({res['wall_s']:.0f} s)\n")
