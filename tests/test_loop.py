@@ -40,9 +40,8 @@ def _make(kind: str, art, victim, overrides: dict) -> Purifier:
         from zeropur_export.torch_runner import load_purifier
         return load_purifier(art, device="cuda", victim=victim, overrides=overrides)
     if kind == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("tensorrt") is None:
             pytest.skip("TensorRT is not installed here")
         from zeropur_rt.manifest import load_manifest
         if not load_manifest(art).engines:

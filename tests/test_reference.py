@@ -4,7 +4,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zeropur_export.reference import ReferencePurifier, Trace, ap_loss_terms, blur_torch  # noqa: E402
+from zeropur_export.reference import (ReferencePurifier, ap_loss_recompute, ap_loss_terms, blur_torch,  # noqa: E402
+                                      input_grad)
 from zeropur_rt.config import preset  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
@@ -36,18 +37,17 @@ def test_lean_and_recompute_ap_agree_end_to_end(victim20, lean_vs_recompute):
 def test_lean_and_recompute_gradients_teacher_forced(victim20, x64):
     """From the same iterate, lean and re-computing AP gradients differ by float32 noise only."""
     x_in = x64[:8]
-    trace = Trace()
-    ReferencePurifier(victim20, CFG).purify(x_in, trace)
+    _, trace = ReferencePurifier(victim20, CFG).purify(x_in, iterates=True)
+    coarse = torch.from_numpy(trace.coarse)
     v64 = victim20.to_dtype(torch.float64)
-    lean, rec, truth = (ReferencePurifier(victim20, CFG, "lean"), ReferencePurifier(victim20, CFG, "recompute"),
-                        ReferencePurifier(v64, CFG, "lean"))
-    c32 = lean.ap_setup(x_in, trace.coarse)
-    c64 = truth.ap_setup(x_in.double(), trace.coarse.double())
+    lean, truth = ReferencePurifier(victim20, CFG, "lean"), ReferencePurifier(v64, CFG, "lean")
+    c32 = lean.ap_setup(x_in, coarse)
+    c64 = truth.ap_setup(x_in.double(), coarse.double())
     for t in (0, 1, 10, 25, 49):
-        fine = trace.ap_x[t]
-        g_lean = lean.ap_grad(fine, c32, x_in, trace.coarse)
-        g_rec = rec.ap_grad(fine, None, x_in, trace.coarse)
-        g_true = truth.ap_grad(fine.double(), c64, x_in.double(), trace.coarse.double())
+        fine = torch.from_numpy(trace.ap_x[t])
+        g_lean = lean.ap_grad(fine, c32)
+        g_rec = input_grad(lambda f: ap_loss_recompute(victim20, f, x_in, coarse, CFG), fine)[0]
+        g_true = truth.ap_grad(fine.double(), c64)
         assert torch.isfinite(g_lean).all()
         e_lean, e_rec = rel_err(g_lean, g_true), rel_err(g_rec, g_true)
         d = rel_err(g_lean, g_rec.double()) * np.linalg.norm(g_rec.double()) / np.linalg.norm(g_true)
@@ -59,7 +59,7 @@ def test_ap_gradient_is_finite_at_zero_lpips_distance(victim20, x64):
     pur = ReferencePurifier(victim20, CFG)
     x = x64[:4]
     c = pur.ap_setup(x, x)  # coarse == x_in: ILA direction 0, and fine == x_in: LPIPS distance 0
-    g = pur.ap_grad(x, c, x, x)
+    g = pur.ap_grad(x, c)
     assert torch.isfinite(g).all()
     assert float(g.abs().max()) == 0.0  # both terms are stationary there
 
@@ -108,7 +108,7 @@ def test_purified_stays_in_eps_ball_and_unit_box(victim20, lean_vs_recompute, x6
 def test_ap_loss_terms_report_paper_scale(victim20, x64):
     pur = ReferencePurifier(victim20, CFG)
     x = x64[:8]
-    coarse = pur.guided_shift(x)
+    coarse = ReferencePurifier(victim20, CFG.replace(ap_steps=0)).purify(x)
     c = pur.ap_setup(x, coarse)
     ila, lp = ap_loss_terms(victim20, coarse, c)
     # at fine == coarse the ILA term is -mean ||h(coarse) - h(x_in)||^2 summed over layers: negative

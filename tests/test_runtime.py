@@ -1,7 +1,5 @@
 """The runtime Purifier (ONNX Runtime CPU + host kernels) against the torch reference, and its guards."""
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -139,14 +137,6 @@ def test_onnxruntime_gpu_providers_are_refused_clearly_where_absent(art20):
         Purifier.load(art20, provider="tensorrt")
     with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
         Purifier.load(art20, device="gpu")
-
-
-def test_import_is_cheap():
-    code = ("import sys, zeropur_rt, zeropur_rt.pipeline, zeropur_rt.cli, zeropur_rt.runners.onnxruntime, "
-            "zeropur_rt.runners.tensorrt, zeropur_rt.kernels.sets, zeropur_rt.kernels.cuda; "
-            "bad = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'cuda', 'pycuda') if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_cli_purify_classify_info(art20, tmp_path, capsys):

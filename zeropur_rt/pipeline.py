@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from zeropur_rt import schedule
+import zeropur_rt.schedule as schedule
 from zeropur_rt.config import ZeroPurConfig, apply_overrides
 from zeropur_rt.engine_record import check_batch
 from zeropur_rt.manifest import Manifest, load_manifest
@@ -135,20 +135,19 @@ class Purifier:
         r.upload(b.x_in, x_in)
         clock = StageTimes(r.sync if r.on_device else None) if timings else schedule.NO_CLOCK
         trace = Iterates() if iterates else None
-        observe = None
-        if trace is not None:
-            def observe(stage: str, t: int, buf: Any) -> None:
-                a = r.download(buf)
-                if stage == "coarse":
-                    trace.coarse = a
-                else:
-                    (trace.gs_x if stage == "gs" else trace.ap_x).append(a)
+
+        def observe(stage: str, t: int, buf: Any) -> None:
+            a = r.download(buf)
+            if stage == "coarse":
+                trace.coarse = a
+            else:
+                (trace.gs_x if stage == "gs" else trace.ap_x).append(a)
         eager = timings or iterates or not self.cuda_graph or st.capture_failed
         if st.replay is not None and not eager:
             st.replay.launch()
             out = b.fine if cfg.ap_steps else b.x
         else:
-            out = schedule.purify(r, k, b, cfg, clock, observe)
+            out = schedule.purify(r, k, b, cfg, clock, observe if trace is not None else None)
         logits = None
         if classify:
             schedule.classify(r, b, out)

@@ -250,7 +250,7 @@ class ReferencePurifier:
 
     @staticmethod
     def _host(x: torch.Tensor) -> np.ndarray:
-        return x.detach().to(torch.float32).cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""The layout's rules, read from the source: deploy time never imports build time, no module-level import
+circles, cheap imports, one loop, and a wheel without ``benchmarks``."""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"zeropur_rt": ROOT / "zeropur_rt", "zeropur_export": ROOT / "export" / "zeropur_export"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg, root in PACKAGES.items():
+        for p in root.rglob("*.py"):
+            out[".".join((pkg, *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")] = p
+    return out
+
+
+def _imports(name: str, path: Path, top_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for n in nodes:
+        if isinstance(n, ast.ImportFrom):
+            base = n.module or ""
+            if n.level:
+                base = ".".join(pkg.split(".")[:len(pkg.split(".")) - n.level + 1] + ([base] if base else []))
+            found |= {f"{base}.{a.name}" for a in n.names} | {base}
+        elif isinstance(n, ast.Import):
+            found |= {a.name for a in n.names}
+    return found
+
+
+def test_deploy_time_never_imports_build_time():
+    bad = {m: sorted(i for i in _imports(m, p, False) if i.split(".")[0] in ("zeropur_export", "benchmarks"))
+           for m, p in _modules().items() if m.startswith("zeropur_rt")}
+    assert not {m: i for m, i in bad.items() if i}
+
+
+def test_no_module_level_import_circles():
+    mods = _modules()
+
+    def resolve(target: str) -> str | None:
+        while target and target not in mods:
+            target = target.rpartition(".")[0]
+        return target or None
+    graph = {m: {resolve(i) for i in _imports(m, p, True)} - {None, m} for m, p in mods.items()}
+    # a package importing its own submodules is how packages work, not a circle
+    graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                circles.append(stack[stack.index(d):] + [d])
+            elif d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert not circles
+
+
+def test_import_zeropur_rt_stays_cheap():
+    code = ("import sys, zeropur_rt, zeropur_rt.pipeline, zeropur_rt.cli, zeropur_rt.runners.onnxruntime, "
+            "zeropur_rt.runners.tensorrt, zeropur_rt.kernels.sets, zeropur_rt.kernels.cuda, zeropur_export.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'onnxruntime', 'tensorrt', 'cuda', 'pycuda')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_loop_is_written_once():
+    """Only the schedule iterates Guided Shift or Adaptive Projection over a config's step counts."""
+    loops = re.compile(r"for .* in range\([^)]*\b(gs_steps|ap_steps)\b")
+    hits = [f"{m}:{i}" for m, p in _modules().items() for i, line in enumerate(p.read_text().splitlines(), 1)
+            if loops.search(line)]
+    hits += [str(p) for p in (ROOT / "benchmarks").glob("*.py") if loops.search(p.read_text())]
+    assert hits and all(h.startswith("zeropur_rt.schedule:") for h in hits), hits
+
+
+def test_wheel_holds_no_benchmarks():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = cfg["tool"]["scikit-build"]["wheel"]["packages"]
+    assert set(packages) == {"zeropur_rt", "zeropur_export"}, packages
+    assert set(cfg["project"]["scripts"]) == {"zeropur-rt", "zeropur-export"}
