@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from zeropur_rt.config import ZeroPurConfig, preset
+from zeropur_rt.cuda_driver import parse_device
 
 # The evaluation slice of the CIFAR-10 test copy: a calibration that overlaps it inflates the reported accuracy.
 EVAL_ROWS = (0, 5000)
@@ -48,19 +49,19 @@ def predict(victim: Any, x: torch.Tensor, batch: int) -> np.ndarray:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``device`` checked; on CUDA, TF32 off so that a search on a GPU sees float32 as on the CPU."""
+    """``device`` checked (the one device grammar); on CUDA, TF32 off so that a search on a GPU sees float32
+    as on the CPU."""
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise CalibError(f"device {device!r}: {e}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CalibError(f"device {device}: this torch sees no CUDA device")
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    elif dev.type != "cpu":
-        raise CalibError(f"device must be cpu or cuda[:i], got {device!r}")
-    return dev
+        ordinal = parse_device(device)
+    except ValueError as e:
+        raise CalibError(str(e)) from None
+    if ordinal is None:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CalibError(f"device {device}: this torch sees no CUDA device")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device("cuda", ordinal)
 
 
 def labelled(victim: Any, x: Any, y: Any, device: str | None) -> tuple[Any, torch.Tensor, np.ndarray]:
