@@ -5,7 +5,7 @@
     python benchmarks/export_parity.py --artifacts DIR ...   # reuse/keep exports in DIR/<model>
 
 Error = ||a - truth|| / ||truth||, truth = the reference in float64. A row passes when the ORT
-error is <= 2x the torch float32 error + a float32 floor and <= 1e-3 (``ParityRow.ok``); batch 1
+error is <= 2x the float32 spread (torch float32 with and without oneDNN) + a float32 floor and <= 1e-3 (``ParityRow.ok``); batch 1
 is 8 single-image calls judged together. Real weights for resnet20/56 (from
 the shared folder), seeded random weights otherwise; CIFAR-10 test images where available.
 """

@@ -22,7 +22,7 @@ def test_teacher_forced_gradient_parity_every_step(pur, victim20, cifar):
     rows = teacher_forced(pur, victim20, cifar[0][:16])
     assert len(rows) == 10 + 3 + 50
     print(f"\nteacher-forced on 16 images: {summary(rows)}")
-    # Every call meets 2x torch-f32 error and 1e-3, on the whole batch or (ParityRow.ok) on every
+    # Every call meets 2x the float32 spread and 1e-3, on the whole batch or (ParityRow.ok) on every
     # sample but isolated ReLU-mask flips, which torch f32 itself shows at other steps.
     assert all(r.ok for r in rows), [r for r in rows if not r.ok]
 
