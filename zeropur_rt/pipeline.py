@@ -40,6 +40,7 @@ class Iterates:
 class _BatchState:
     bufs: LoopBuffers
     replay: Any = None  # the captured loop, once there is one
+    result: Any = None  # the buffer the captured loop leaves its result in
     capture_failed: bool = False
 
 
@@ -145,7 +146,7 @@ class Purifier:
         eager = timings or iterates or not self.cuda_graph or st.capture_failed
         if st.replay is not None and not eager:
             st.replay.launch()
-            out = b.fine if cfg.ap_steps else b.x
+            out = st.result
         else:
             out = schedule.purify(r, k, b, cfg, clock, observe if trace is not None else None)
         logits = None
@@ -156,7 +157,7 @@ class Purifier:
         result = r.download(out)
         if st.replay is None and not eager:
             # the eager run was the warm-up TensorRT and cuDNN need before a capture
-            st.replay = r.capture(lambda: schedule.purify(r, k, b, cfg))
+            st.replay, st.result = r.capture(lambda: schedule.purify(r, k, b, cfg)), out
             st.capture_failed = st.replay is None
         return result, logits, (clock if timings else None), trace
 
@@ -185,7 +186,10 @@ class Purifier:
         return self.runner.download(b.fine)
 
     def logits(self, x: Any) -> np.ndarray:
-        x_in = self.prepare(x)
+        """The victim's logits of the (unpurified) images."""
+        return self._logits(self.prepare(x))
+
+    def _logits(self, x_in: np.ndarray) -> np.ndarray:
         b = self._state(len(x_in)).bufs
         self.runner.upload(b.x_in, x_in)
         schedule.classify(self.runner, b, b.x_in)
@@ -193,7 +197,7 @@ class Purifier:
 
     def classify(self, x: Any, uint8_nhwc: bool = False) -> np.ndarray:
         """Predicted classes of the (unpurified) images."""
-        return self.logits(self.prepare(x, uint8_nhwc)).argmax(1)
+        return self._logits(self.prepare(x, uint8_nhwc)).argmax(1)
 
     def run_graph(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of one exported graph on host arrays, outside the loop (parity checks feed it the

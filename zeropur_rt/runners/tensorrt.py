@@ -109,8 +109,9 @@ class TensorRTRunner:
 
     # -- memory, on the runner's stream
     def alloc(self, shape: tuple[int, ...], name: str) -> DeviceBuffer:
-        buf = DeviceBuffer(0, tuple(int(s) for s in shape))
-        return DeviceBuffer(self.cuda.alloc(buf.nbytes, f"loop tensor {name} {buf.shape}"), buf.shape)
+        shape = tuple(int(s) for s in shape)
+        nbytes = 4 * int(np.prod(shape, dtype=np.int64))
+        return DeviceBuffer(self.cuda.alloc(nbytes, f"loop tensor {name} {shape}"), shape)
 
     def copy(self, dst: DeviceBuffer, src: DeviceBuffer) -> None:
         self.cuda.dtod(dst.ptr, src.ptr, dst.nbytes, self.stream)
