@@ -7,8 +7,8 @@
    pytest tests/gpu/test_torch_cuda_loop.py; eager vs CUDA graph bit for bit and vs the reference's
    torch kernels on the same runner, 64 images; vs the torch reference on ``--parity-n`` real images,
    clean and PGD-20. tests/test_loop.py runs the shared loop tests on every runner the GPU adds.
-3. TensorRT, if importable: pytest tests/gpu/test_tensorrt.py (engine builds, FP32 parity, Purifier
-   vs torch reference, CUDA graph replay bit for bit); onnxruntime's CUDA / TensorRT execution
+3. TensorRT, if importable: pytest tests/gpu/test_tensorrt.py (engine builds incl. batch 1, FP32 parity,
+   Purifier and its CUDA graph replay vs the torch reference, a failed capture); onnxruntime's CUDA / TensorRT execution
    providers where onnxruntime-gpu is installed: pytest tests/gpu/test_onnxruntime_gpu.py.
 4. Latency per (model, batch): the released-code-cost torch reference (``ap_mode="recompute"``) on
    this GPU, the lean torch reference, the torch runner + our kernels (eager and CUDA graph), and
@@ -191,7 +191,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
             lines.append(f"| {name} | {c.get('ok')} | {detail} |")
     if report.get("latency"):
         keys = ["torch_released_code_cost", "torch_lean", "torch_cuda_plus_our_kernels",
-                "torch_cuda_plus_our_kernels_cuda_graph", "tensorrt_host_loop", "tensorrt_device_loop_cuda_graph"]
+                "torch_cuda_plus_our_kernels_cuda_graph", "tensorrt_device_loop", "tensorrt_device_loop_cuda_graph"]
         lines += ["", "## Latency (median ms per call; speed-up vs the released-code-cost torch reference)", "",
                   "| model | batch | " + " | ".join(keys) + " |", "| --- | --- |" + " --- |" * len(keys)]
         for row in report["latency"]:

@@ -127,7 +127,7 @@ def test_evaluator_matches_reference_purifier_and_extends_incrementally(real):
 def test_ranking_prefers_robust_inside_budget():
     class _Ev:
         def stats(self, r):
-            return dict(n=1000, clean=80.0, clean_purified=r.cp, pgd_purified=r.rob)
+            return dict(n=1000, clean=80.0, clean_purified=r.cp, pgd=0.0, pgd_purified=r.rob)
 
     class _R:
         def __init__(self, cp, rob, steps):
@@ -136,6 +136,8 @@ def test_ranking_prefers_robust_inside_budget():
 
     a, b, c = _R(79.0, 30.0, 5), _R(70.0, 60.0, 5), _R(77.5, 35.0, 5)
     assert search.rank(_Ev(), [a, b, c], budget=3.0, slack_scale=0.0) == [c, a, b]
+    identity = _R(80.0, 0.0, 5)  # inside the budget, but no robust gain: last, behind an over-budget config
+    assert search.rank(_Ev(), [identity, b, c], budget=3.0, slack_scale=0.0) == [c, b, identity]
     assert search.feasible(_Ev(), c, 3.0) and not search.feasible(_Ev(), b, 3.0)
 
 
@@ -213,7 +215,7 @@ def test_eval_mode_tiny_and_refuses_the_calibration_slice(real, tmp_path, capsys
 def test_parents_come_from_the_pareto_front():
     class _Ev:
         def stats(self, r):
-            return dict(n=64, clean=80.0, clean_purified=r.cp, pgd_purified=r.rob)
+            return dict(n=64, clean=80.0, clean_purified=r.cp, pgd=0.0, pgd_purified=r.rob)
 
     class _R:
         def __init__(self, cp, rob):

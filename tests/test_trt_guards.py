@@ -120,11 +120,18 @@ def test_one_device_grammar():
 
 
 # ---------------------------------------------------------------- precision recipe per TensorRT version
-def test_precision_plan_trt10_uses_builder_flags():
+def test_precision_plan_trt10_fp32_is_plain_float32():
     p32 = bt.precision_plan("10.8.0.43", "fp32")
     assert (p32.set_flags, p32.clear_flags, p32.strongly_typed, p32.onnx_fp16) == ((), ("TF32",), False, False)
-    p16 = bt.precision_plan("10.13.0.35", "fp16")
-    assert (p16.set_flags, p16.strongly_typed, p16.onnx_fp16) == (("FP16",), False, False)
+
+
+def test_precision_plan_fp16_is_strongly_typed_on_trt10_too():
+    """Issue 16 item 3: BuilderFlag.FP16 on a weakly typed network lets TensorRT run the norms, divisions
+    and floors in half precision; every fp16 build is the strongly typed FP16 copy of the graph."""
+    for version in ("10.0.1", "10.3.0.30", "10.13.0.35", "11.4.0.106"):
+        p16 = bt.precision_plan(version, "fp16")
+        assert p16.strongly_typed and p16.onnx_fp16, version
+        assert "FP16" not in p16.set_flags and p16.set_flags == (), version
 
 
 def test_precision_plan_trt11_is_strongly_typed_from_the_graph():
@@ -132,7 +139,7 @@ def test_precision_plan_trt11_is_strongly_typed_from_the_graph():
     assert p32.strongly_typed and not p32.onnx_fp16 and p32.set_flags == () and p32.clear_flags == ("TF32",)
     p16 = bt.precision_plan("11.0.0", "fp16")
     assert p16.strongly_typed and p16.onnx_fp16 and p16.set_flags == ()  # no FP16 builder flag in 11.x
-    assert "FP16 copy of the ONNX graph" in p16.describe()
+    assert "FP16 copy of the ONNX graph" in p16.describe() and "strongly typed" in p16.describe()
 
 
 def test_precision_plan_rejects_old_trt_and_unknown_precision():
@@ -145,7 +152,7 @@ def test_precision_plan_rejects_old_trt_and_unknown_precision():
 # ---------------------------------------------------------------- missing TensorRT / cuda-python / GPU
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is importable here")
 def test_clear_error_without_tensorrt(tmp_path):
-    with pytest.raises(ImportError, match=r"TensorRT \(>= 10\).*zeropur-rt\[trt\].*jetson"):
+    with pytest.raises(ImportError, match=r"TensorRT \(>= 10\).*zeropur-rt\[trt-cu12\].*R535.*trt-cu13.*R580.*jetson"):
         trt_engine.import_tensorrt()
     from zeropur_rt.runners import load_runner
     with pytest.raises(ImportError, match="TensorRT"):
@@ -175,20 +182,25 @@ def test_clear_error_without_gpu():
 
 
 # ---------------------------------------------------------------- build-engines without TensorRT
-def _tiny_artifact(d: Path) -> Path:
+def _write_manifest(d: Path, files: dict[str, str], batch: dict, input_shape=(3, 32, 32)) -> Path:
+    """manifest.json for the graphs in ``files`` (graph -> file name in d), hashed as written."""
     from zeropur_rt.config import preset
     from zeropur_rt.files import atomic_write_json, sha256_file
     from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, graph_io
 
-    d.mkdir()
-    (d / "classifier.onnx").write_bytes(b"not really onnx")
-    ins, outs = graph_io("classifier", 0)
+    graphs = {g: dict(zip(("inputs", "outputs"), graph_io(g, 0)), file=f) for g, f in files.items()}
     m = Manifest(format_version=FORMAT_VERSION, model="tiny", weights_sha256=None, taps={}, config=preset("cifar10").to_dict(),
-                 input_shape=(3, 32, 32), mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10, batch=dict(BATCH), opset=18,
-                 tools={}, graphs={"classifier": {"file": "classifier.onnx", "inputs": ins, "outputs": outs}},
-                 files={"classifier.onnx": sha256_file(d / "classifier.onnx")})
+                 input_shape=tuple(input_shape), mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10, batch=dict(batch),
+                 opset=18, tools={}, graphs=graphs, files={f: sha256_file(d / f) for f in files.values()})
     atomic_write_json(d / MANIFEST, m.to_dict())
     return d
+
+
+def _tiny_artifact(d: Path) -> Path:
+    d.mkdir()
+    for g in ("classifier", "gs_grad"):
+        (d / f"{g}.onnx").write_bytes(b"not really onnx")
+    return _write_manifest(d, {g: f"{g}.onnx" for g in ("classifier", "gs_grad")}, BATCH)
 
 
 def test_build_engines_cli_errors(tmp_path, capsys):
@@ -214,15 +226,35 @@ def test_engines_up_to_date(tmp_path):
     art = _tiny_artifact(tmp_path / "art")
     m = load_manifest(art)
     key = bt.engine_key((9, 0), "10.8.0.43", "fp32")
-    assert not eng.engines_up_to_date(art, m, key)
-    m.engines[key] = record(graphs=("classifier",))
-    fname = m.engines[key]["graphs"]["classifier"]["file"]
-    assert not eng.engines_up_to_date(art, m, key)  # file missing
-    (art / fname).write_bytes(b"plan")
-    m.files[fname] = "0" * 64
-    assert eng.engines_up_to_date(art, m, key)
+    assert not eng.engines_up_to_date(art, m, key, "10.8.0.43")
+    m.engines[key] = record(graphs=("classifier", "gs_grad"))
+    assert not eng.engines_up_to_date(art, m, key, "10.8.0.43")  # files missing
+    for g in m.engines[key]["graphs"].values():
+        (art / g["file"]).write_bytes(b"plan")
+        m.files[g["file"]] = "0" * 64
+    assert eng.engines_up_to_date(art, m, key, "10.8.0.43")
+    assert eng.engines_up_to_date(art, m, key, "10.8.0.51")  # another build number loads the same engines
     m.engines[key]["batch"] = {"min": 1, "opt": 2, "max": 4}
-    assert not eng.engines_up_to_date(art, m, key)
+    assert not eng.engines_up_to_date(art, m, key, "10.8.0.43")
+
+
+def test_patch_upgrade_makes_engines_stale_for_builder_and_runtime(tmp_path):
+    """Issue 16 item 6: after TensorRT 10.8.0 -> 10.8.1 the key (major.minor) is the same; the runtime
+    refuses the 10.8.0 engines, so build-engines must rebuild them instead of calling them up to date."""
+    eng = pytest.importorskip("zeropur_export.engines")
+    from zeropur_rt.manifest import load_manifest
+    art = _tiny_artifact(tmp_path / "art")
+    m = load_manifest(art)
+    key = bt.engine_key((9, 0), "10.8.1.2", "fp32")
+    assert key == bt.engine_key((9, 0), "10.8.0.43", "fp32")
+    m.engines[key] = record(trt="10.8.0.43", graphs=("classifier", "gs_grad"))
+    for g in m.engines[key]["graphs"].values():
+        (art / g["file"]).write_bytes(b"plan")
+        m.files[g["file"]] = "0" * 64
+    with pytest.raises(bt.EngineMismatchError, match="build-engines"):
+        bt.select_engines(m.engines, (9, 0), "10.8.1.2")
+    assert not eng.engines_up_to_date(art, m, key, "10.8.1.2")
+    assert eng.engines_up_to_date(art, m, key, "10.8.0.43")
 
 
 # ---------------------------------------------------------------- the FP16 ONNX copy (TensorRT 11 fp16 builds)
@@ -267,3 +299,138 @@ def test_onnx_fp16_copy_keeps_float32_io_and_runs(tmp_path):
         assert a.dtype == np.float32
         assert np.linalg.norm(a - b) / np.linalg.norm(b) < 5e-3
         assert not np.array_equal(a, b)  # it really computed in float16
+
+
+# ---------------------------------------------------------------- build plan: fixed batch-1 graphs (issue 16 item 1)
+def _static_or_dynamic_artifact(d: Path, batch: dict) -> Path:
+    """A classifier + gs_grad artifact of tiny real ONNX graphs, with a fixed batch when batch["max"] == 1
+    (as the exporter writes --max-batch 1), else a dynamic one."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    d.mkdir()
+    n = 1 if batch["max"] == 1 else "N"
+
+    def io(name, *dims):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, *dims] if dims else [])
+
+    w = numpy_helper.from_array(np.ones((48, 10), np.float32), "w")
+    graphs = {
+        "classifier": helper.make_graph([helper.make_node("Flatten", ["x"], ["embedding"]),
+                                         helper.make_node("MatMul", ["embedding", "w"], ["logits"])], "classifier",
+                                        [io("x", 3, 4, 4)], [io("logits", 10), io("embedding", 48)], [w]),
+        "gs_grad": helper.make_graph([helper.make_node("Sub", ["x", "x_blur"], ["grad"]),
+                                      helper.make_node("ReduceSum", ["grad"], ["loss"], keepdims=0)], "gs_grad",
+                                     [io("x", 3, 4, 4), io("x_blur", 3, 4, 4)], [io("grad", 3, 4, 4), io("loss")]),
+    }
+    for g, graph in graphs.items():
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(d / f"{g}.onnx"))
+    return _write_manifest(d, {g: f"{g}.onnx" for g in graphs}, batch, input_shape=(3, 4, 4))
+
+
+def test_input_profile_accepts_fixed_batch_1_and_dynamic_ranges():
+    eng = pytest.importorskip("zeropur_export.engines")
+    one = {"min": 1, "opt": 1, "max": 1}
+    assert eng.input_profile("g", "x", (1, 3, 32, 32), one) == ((1, 3, 32, 32),) * 3
+    assert eng.input_profile("g", "x", (-1, 3, 32, 32), BATCH) == ((1, 3, 32, 32), (32, 3, 32, 32), (256, 3, 32, 32))
+    assert eng.input_profile("g", "x", (-1, 3, 32, 32), one) == ((1, 3, 32, 32),) * 3
+    with pytest.raises(eng.EngineBuildError, match="fixed batch of 1.*re-export"):
+        eng.input_profile("g", "x", (1, 3, 32, 32), BATCH)
+    with pytest.raises(eng.EngineBuildError, match="dynamic batch dimension at most"):
+        eng.input_profile("g", "x", (-1, 3, -1, 32), BATCH)
+
+
+@pytest.mark.parametrize("batch", [{"min": 1, "opt": 1, "max": 1}, {"min": 1, "opt": 8, "max": 16}])
+def test_build_plan_dry_run_without_tensorrt(tmp_path, capsys, batch):
+    eng = pytest.importorskip("zeropur_export.engines")
+    from zeropur_rt.manifest import load_manifest
+    art = _static_or_dynamic_artifact(tmp_path / "art", batch)
+    plan = eng.plan_build(art, load_manifest(art), "10.3.0.30", "8.7", "fp32")
+    assert plan.key == "sm87.trt10.3.fp32" and not plan.precision.strongly_typed
+    assert [gp.engine for gp in plan.graphs] == ["classifier.sm87.trt10.3.fp32.engine", "gs_grad.sm87.trt10.3.fp32.engine"]
+    want = tuple((batch[k], 3, 4, 4) for k in ("min", "opt", "max"))
+    assert [gp.profiles for gp in plan.graphs] == [{"x": want}, {"x": want, "x_blur": want}]
+    assert eng.main_build_engines([str(art), "--dry-run", "--trt-version", "10.3.0.30", "--compute-capability", "8.7",
+                                   "--precision", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "sm87.trt10.3.fp16" in out and "strongly typed" in out and f"max ({batch['max']}, 3, 4, 4)" in out
+    assert load_manifest(art).engines == {}  # a dry run writes nothing
+
+
+def test_dry_run_without_versions_says_which_flag(tmp_path, capsys):
+    if HAVE_TRT:
+        pytest.skip("tensorrt is importable here: the dry run takes its version")
+    eng = pytest.importorskip("zeropur_export.engines")
+    art = _static_or_dynamic_artifact(tmp_path / "art", {"min": 1, "opt": 1, "max": 1})
+    assert eng.main_build_engines([str(art), "--dry-run"]) == 2
+    assert "--trt-version" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- TensorRT's one logger (item 8), activation size (item 10)
+def test_error_log_gives_each_caller_its_own_errors():
+    log = trt_engine.ErrorLog(keep=3)
+    a = log.mark()
+    log.add("first")
+    b = log.mark()
+    log.add("second")
+    assert log.since(a) == ["first", "second"] and log.since(b) == ["second"] and log.since(log.mark()) == []
+    for i in range(5):
+        log.add(f"e{i}")
+    assert log.since(a) == ["e2", "e3", "e4"]  # bounded
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="tensorrt not installed: the process-wide logger needs trt.ILogger")
+def test_one_logger_per_process():
+    import tensorrt as trt
+    first = trt_engine.trt_logger(trt, verbose=True)
+    assert trt_engine.trt_logger(trt) is first and first.verbose is False
+
+
+def test_engine_device_memory_reads_v2_even_when_zero():
+    """Issue 16 item 10: the binding's attribute sets, as documented: 10.0 has device_memory_size only,
+    10.1-10.x both, 11.x device_memory_size_v2 only. A v2 of 0 must not fall back to the removed attribute."""
+    from types import SimpleNamespace
+    assert trt_engine.engine_device_memory(SimpleNamespace(device_memory_size=123)) == 123
+    assert trt_engine.engine_device_memory(SimpleNamespace(device_memory_size=5, device_memory_size_v2=7)) == 7
+    assert trt_engine.engine_device_memory(SimpleNamespace(device_memory_size_v2=0)) == 0
+
+
+# ---------------------------------------------------------------- onnxruntime GPU sessions that fell back to the CPU (item 4)
+def test_session_on_the_cpu_is_refused_for_a_gpu_provider(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from zeropur_rt.runners.onnxruntime import ProviderLoadError, check_session_providers
+    src = tmp_path / "t.onnx"
+    _tiny_onnx(src)
+    # A real session on the CPU: what onnxruntime hands back when the CUDA EP failed to load.
+    got = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_providers()
+    assert got[0] == "CPUExecutionProvider"
+    check_session_providers(got, "cpu", "gs_grad")
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(ProviderLoadError, match="gs_grad session on CPUExecutionProvider.*failed to load"):
+            check_session_providers(got, provider, "gs_grad")
+    with pytest.warns(RuntimeWarning, match="TensorRT execution provider"):
+        check_session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "tensorrt", "ap_grad")
+    assert issubclass(ProviderLoadError, ImportError)  # the CLIs print it as an error, not a traceback
+
+
+# ---------------------------------------------------------------- failed capture: the runtime error is cleared (item 7)
+def test_clear_error_without_cuda_runtime_bindings(monkeypatch):
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match="runtime bindings.*pip install cuda-python"):
+        cd.import_runtime()
+
+
+# ---------------------------------------------------------------- extras that fit the driver (item 2)
+def test_trt_extras_pin_one_cuda_major_each():
+    import tomllib
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    from packaging.requirements import Requirement
+    for extra, cuda_major, pkg in (("trt-cu12", 12, "tensorrt-cu12"), ("trt-cu13", 13, "tensorrt-cu13")):
+        reqs = {r.name: r.specifier for r in map(Requirement, extras[extra])}
+        assert set(reqs) == {pkg, "cuda-python"}, extra
+        assert reqs["cuda-python"].contains(f"{cuda_major}.9.0") and not reqs["cuda-python"].contains(f"{cuda_major + 1}.0.0")
+        assert not reqs["cuda-python"].contains(f"{cuda_major - 1}.9.0")
+        assert reqs[pkg].contains("10.13.3.9") and not reqs[pkg].contains("9.3.0")
+    assert "tensorrt" not in {Requirement(r).name for r in extras["trt"]}  # the CUDA-13-only metapackage

@@ -1,4 +1,4 @@
-"""``zeropur-rt``: the deploy-time commands over an artifact directory: purify, classify, info.
+"""``zeropur-rt``: the deploy-time commands over an artifact directory: purify, classify, info, triton-repo.
 
 Build-time work (export, build-engines, calibrate, demo, bench, eval) is ``zeropur-export``'s.
 """
@@ -15,7 +15,8 @@ import numpy as np
 
 from zeropur_rt.config import parse_sets
 from zeropur_rt.files import atomic_write_bytes
-from zeropur_rt.manifest import ArtifactError, load_manifest
+from zeropur_rt.errors import ZeroPurError
+from zeropur_rt.manifest import load_manifest
 from zeropur_rt.progress import progress
 
 
@@ -46,7 +47,7 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
     pur = Purifier.load(args.artifact_dir, args.backend, args.device, args.kernels, args.threads,
                         overrides=parse_sets(args.set), cuda_graph=not args.no_cuda_graph, **extra)
     with pur:
-        x, y, names = read_images(args.input, tuple(pur.chw[1:]))
+        x, y, names = read_images(args.input, tuple(pur.chw), args.resize, pur.manifest.num_classes)
         size = min(args.batch or int(pur.manifest.batch.get("opt", pur.max_batch)), pur.max_batch)
         outs, preds = [], []
         t0 = time.perf_counter()
@@ -86,6 +87,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_triton_repo(args: argparse.Namespace) -> int:
+    from zeropur_rt.serving.repository import RepoOptions, write_repository
+    o = RepoOptions(name=args.name, backend=args.backend, device=args.device, instances=args.instances,
+                    threads=args.threads, max_queue_delay_us=args.max_queue_delay_us, preferred=args.preferred,
+                    dynamic_batching=not args.no_dynamic_batching, classify_model=args.classify_model,
+                    continuous_model=args.continuous_model, overrides=parse_sets(args.set))
+    out = write_repository(args.artifact_dir, args.out, o, force=args.force)
+    print(f"wrote {out}: " + ", ".join(sorted(d.name for d in out.iterdir() if (d / "config.pbtxt").is_file())))
+    return 0
+
+
+def _add_triton_repo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact_dir")
+    p.add_argument("--out", required=True, help="model repository directory to create")
+    p.add_argument("--name", default="zeropur", help="model name (the optional models get _classify / _continuous)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime: CPU instances; tensorrt: one instance per GPU")
+    p.add_argument("--device", default=None, help="cpu, or cuda with onnxruntime-gpu (instances per GPU)")
+    p.add_argument("--instances", type=int, default=None, help="CPU: instances (default: one per core); GPU: per GPU (1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per instance (default: cores / instances)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher's max queue delay")
+    p.add_argument("--preferred", type=int, nargs="+", default=None, help="preferred batch sizes (default: opt, max)")
+    p.add_argument("--no-dynamic-batching", action="store_true", help="one request per execute")
+    p.add_argument("--classify-model", action="store_true", help="add NAME_classify: the victim's logits alone")
+    p.add_argument("--continuous-model", action="store_true",
+                   help="add NAME_continuous: continuous batching across loop steps (decoupled; gRPC streaming)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="loop overrides")
+    p.add_argument("--force", action="store_true", help="replace an existing repository")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeropur-rt", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -93,16 +124,22 @@ def main(argv: list[str] | None = None) -> int:
                            ("classify", "classify images without purification")):
         p = sub.add_parser(name, help=helptext)
         _add_runtime_args(p)
-        p.add_argument("input", help=".npz with 'x' (uint8 NHWC or float NCHW) and optional 'y', or a folder of PNG/JPEG")
+        p.add_argument("input", help=".npz with 'x' (uint8 NHWC or float NCHW) and optional 'y', a folder of images "
+                       "(flat, or one subfolder per class), or a path,label CSV")
+        p.add_argument("--resize", choices=["crop", "refuse"], default="refuse",
+                       help="images of another size: refuse them (default), or scale to cover + centre crop")
         p.add_argument("--out", default=None, help="output .npz (x_purified, pred, names[, y])")
     p = sub.add_parser("info", help="print and verify an artifact directory's manifest")
     p.add_argument("artifact_dir")
+    _add_triton_repo_args(sub.add_parser("triton-repo", help="write a Triton Inference Server model repository"))
     args = ap.parse_args(argv)
     try:
         if args.cmd == "info":
             return _cmd_info(args)
+        if args.cmd == "triton-repo":
+            return _cmd_triton_repo(args)
         return _cmd_purify(args, args.cmd == "purify")
-    except (ArtifactError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ZeroPurError, ValueError, OSError, ImportError) as e:  # ArtifactError, OutputError, ...
         print(f"zeropur-rt {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Literal
 
+from zeropur_rt.errors import ConfigError
+
 L1Scope = Literal["sample", "batch"]
 
 # Fields baked into the exported ap_grad graph: changing them needs a re-export.
@@ -46,22 +48,26 @@ class ZeroPurConfig:
     def __post_init__(self) -> None:
         for name in ("eps", "gs_step", "ap_step", "blur_sigma", "ila_weight", "lpips_weight", "momentum", "ila_norm_eps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"config.{name} must be a finite number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+                raise ConfigError(f"config.{name} must be a finite number (float32 range), got {v!r}")
         if self.eps <= 0:
-            raise ValueError(f"config.eps must be > 0, got {self.eps}")
+            raise ConfigError(f"config.eps must be > 0, got {self.eps}")
         for name in ("gs_step", "ap_step"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"config.{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"config.{name} must be > 0, got {getattr(self, name)}")
         for name in ("blur_sigma", "ila_weight", "lpips_weight", "momentum"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"config.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("gs_steps", "ap_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"config.{name} must be an integer >= 0, got {v!r}")
-        if self.l1_scope not in ("sample", "batch"):
-            raise ValueError(f"config.l1_scope must be 'sample' or 'batch', got {self.l1_scope!r}")
+                raise ConfigError(f"config.{name} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.l1_scope, str) or self.l1_scope not in ("sample", "batch"):
+            raise ConfigError(f"config.l1_scope must be 'sample' or 'batch', got {self.l1_scope!r}")
+        if not isinstance(self.ila_normalized, bool):
+            raise ConfigError(f"config.ila_normalized must be true or false, got {self.ila_normalized!r}")
+        if not isinstance(self.preset, str):
+            raise ConfigError(f"config.preset must be a name, got {self.preset!r}")
 
     def replace(self, **overrides: Any) -> "ZeroPurConfig":
         """A copy with ``overrides``; AP's step follows eps and the AP step count (see ``ap_step_for``)
@@ -76,11 +82,23 @@ class ZeroPurConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ZeroPurConfig":
+        if not isinstance(d, dict) or not all(isinstance(k, str) for k in d):
+            raise ConfigError(f"a ZeroPurConfig is a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ZeroPurConfig fields {unknown}; valid fields: {sorted(known)}")
+            raise ConfigError(f"unknown ZeroPurConfig fields {unknown}; valid fields: {sorted(known)}")
         return cls(**d)
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the kernels and graphs take every number as float32
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v) and abs(v) <= FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def ap_step_for(cfg: ZeroPurConfig, eps: float, ap_steps: int) -> float:
@@ -98,7 +116,7 @@ def parse_value(field_name: str, raw: str) -> Any:
     and floats written as decimals or fractions (``8/255``)."""
     fields = {f.name: f for f in dataclasses.fields(ZeroPurConfig)}
     if field_name not in fields:
-        raise ValueError(f"unknown config field {field_name!r}; valid fields: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown config field {field_name!r}; valid fields: {', '.join(sorted(fields))}")
     default = getattr(ZeroPurConfig(), field_name)
     text = raw.strip()
     try:
@@ -113,8 +131,8 @@ def parse_value(field_name: str, raw: str) -> Any:
             return int(text)
         if isinstance(default, float):
             return float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError) as e:
-        raise ValueError(f"--set {field_name}={raw}: {e}") from None
+    except (ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"--set {field_name}={raw}: {e}") from None
     return text
 
 
@@ -124,7 +142,7 @@ def parse_sets(pairs: Iterable[str]) -> dict[str, Any]:
     for kv in pairs:
         key, sep, raw = kv.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {kv!r}")
         out[key.strip()] = parse_value(key.strip(), raw)
     return out
 
@@ -137,10 +155,38 @@ def apply_overrides(cfg: ZeroPurConfig, overrides: dict[str, Any] | None, *, bak
     if baked:
         changed = sorted(k for k in set(overrides) & set(BAKED_FIELDS) if overrides[k] != getattr(cfg, k))
         if changed:
-            raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} baked into the exported "
+            raise ConfigError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} baked into the exported "
                              "ap_grad graph and cannot change at run time: re-export with `zeropur-export export "
                              f"MODEL --set {changed[0]}=...`")
     return cfg.replace(**overrides)
+
+
+# The image side (pixels) each preset's blur sigma was set for by the released code.
+PRESET_SIDE = {"cifar10": 32, "cifar100": 32, "imagenet": 224}
+
+
+def resolution_scale(input_shape: Iterable[int], preset_name: str) -> float:
+    """The one resolution rule: a victim whose shorter image side is ``s`` gets the preset's blur sigma times
+    ``s / PRESET_SIDE[preset]``, so the blur (and its kernel support, about 3 sigma of box passes) covers the
+    same fraction of the image. Step sizes and eps are L-inf budgets in intensity units, which do not depend
+    on the pixel count: they stay, and the AP step follows eps by ``ap_step_for``."""
+    if preset_name not in PRESET_SIDE:
+        raise ValueError(f"unknown preset {preset_name!r}; valid presets: {', '.join(PRESET_SIDE)}")
+    side = min(int(v) for v in list(input_shape)[1:])
+    return side / PRESET_SIDE[preset_name]
+
+
+def preset_for_shape(input_shape: Iterable[int], name: str | None = None, **overrides: Any) -> ZeroPurConfig:
+    """The preset for a victim of ``input_shape`` (C, H, W): ``name``, else the preset whose side is nearest in
+    scale (the shorter side against 32 and 224, log scale: up to 84 px is CIFAR-like), with its blur sigma
+    scaled by ``resolution_scale``. At a preset's own side this is the preset itself."""
+    shape = list(input_shape)
+    if name is None:
+        side = min(int(v) for v in shape[1:])
+        name = min(("cifar10", "imagenet"), key=lambda n: abs(math.log(side / PRESET_SIDE[n])))
+    base = preset(name)
+    sigma = overrides.pop("blur_sigma", base.blur_sigma * resolution_scale(shape, name))
+    return preset(name, blur_sigma=sigma, **overrides)
 
 
 def preset(name: str, **overrides: Any) -> ZeroPurConfig:

@@ -43,6 +43,19 @@ def import_driver() -> Any:
     return driver
 
 
+def import_runtime() -> Any:
+    """cuda-python's CUDA runtime module (cuda.bindings.runtime, or cuda.cudart in older releases)."""
+    try:
+        from cuda.bindings import runtime  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # type: ignore[no-redef]  # older cuda-python
+        except ImportError as e:
+            raise ImportError(f"cuda-python's runtime bindings are not importable ({e}): `pip install cuda-python` "
+                              "with the major version of your CUDA driver") from e
+    return runtime
+
+
 def cu_errstr(drv: Any, err: Any) -> str:
     """A CUresult's name and description (best effort)."""
     try:
@@ -184,6 +197,14 @@ class CudaDevice:
             return self._check(self.drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
         finally:
             self.drv.cuGraphDestroy(graph)
+
+    def clear_runtime_error(self) -> str | None:
+        """Read and reset the CUDA runtime's last error on this thread (cudaGetLastError); its name, or
+        None when there was none. The driver API keeps no such state; TensorRT calls the runtime API."""
+        rt = import_runtime()
+        res = rt.cudaGetLastError()
+        err = res[0] if isinstance(res, tuple) else res
+        return None if err == rt.cudaError_t.cudaSuccess else str(getattr(err, "name", err))
 
     def launch_graph(self, graph_exec: Any, stream: Any) -> None:
         self._check(self.drv.cuGraphLaunch(graph_exec, stream), "cuGraphLaunch")

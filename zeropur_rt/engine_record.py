@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from zeropur_rt.errors import InputError
 from zeropur_rt.manifest import ArtifactError
 
 PRECISIONS = ("fp32", "fp16")
@@ -30,7 +31,7 @@ class EngineMismatchError(ArtifactError):
     """The artifact has no engine usable on this GPU / TensorRT (or no engines at all)."""
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(InputError):
     """A batch outside the engines' optimisation profile."""
 
 
@@ -113,29 +114,27 @@ class PrecisionPlan:
 def precision_plan(trt_version: str, precision: str) -> PrecisionPlan:
     """The build recipe for ``precision`` under TensorRT ``trt_version``.
 
-    TensorRT 10.x: precision comes from builder flags: fp32 = no reduced-precision flag and TF32
-    cleared (TF32 is on by default and rounds conv/matmul inputs to 10-bit mantissas, which breaks
-    fp32 parity); fp16 = BuilderFlag.FP16 on a weakly typed network.
-    https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
+    fp32 (10.x and 11.x): the float32 ONNX as is, TF32 cleared (it is on by default and rounds
+    conv/matmul inputs to 10-bit mantissas, which breaks fp32 parity). 10.x builds it weakly typed
+    with no reduced-precision flag, which leaves every layer in float32.
 
-    TensorRT 11.x removed the FP16/BF16/INT8 builder flags and the INT8 calibrators; every network
-    is strongly typed and precision comes from the graph's own types. fp32 = the float32 ONNX as is
-    (TF32 still a flag there: cleared); fp16 = an FP16 copy of the ONNX graph with float32 I/O.
+    fp16 (10.x and 11.x): an FP16 copy of the ONNX graph (convolutions/matmuls in float16, float32
+    everywhere else and at the I/O) on a strongly typed network, so TensorRT runs each layer in
+    the type the graph gives it. BuilderFlag.FP16 on a weakly typed 10.x network is not used: it
+    lets TensorRT pick FP16 for any layer, the norms, divisions and floors included, which must
+    stay float32 (their 1e-30 / 1e-10 floors underflow in fp16). TensorRT 11 removed that flag and
+    builds strongly typed networks only; 10.x has NetworkDefinitionCreationFlag.STRONGLY_TYPED.
     https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/advanced.html#strongly-typed-networks
+    https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/BuilderConfig.html
     """
     check_precision(precision)
     major = parse_trt_version(trt_version)[0]
     if major < MIN_TRT_MAJOR:
         raise ValueError(f"TensorRT {trt_version} is too old: zeropur-rt needs TensorRT >= {MIN_TRT_MAJOR} "
                          "(name-based I/O, opset 18 ONNX parsing)")
-    if major == 10:
-        if precision == "fp32":
-            return PrecisionPlan("fp32", major, False, (), ("TF32",), False)
-        return PrecisionPlan("fp16", major, False, ("FP16",), (), False)
-    # TensorRT >= 11
     if precision == "fp32":
-        return PrecisionPlan("fp32", major, True, (), ("TF32",), False)
-    return PrecisionPlan("fp16", major, True, (), (), True)
+        return PrecisionPlan("fp32", major, major >= 11, (), ("TF32",), False)
+    return PrecisionPlan("fp16", major, True, (), ("TF32",), True)
 
 
 def check_batch(n: int, batch: Mapping[str, int], what: str = "the TensorRT engines") -> int:
@@ -155,7 +154,11 @@ def check_batch(n: int, batch: Mapping[str, int], what: str = "the TensorRT engi
 
 
 def _describe_record(key: str, rec: Mapping[str, Any]) -> str:
-    return (f"{key} (sm{cc_str(rec.get('compute_capability', '?.?')).replace('.', '')}, "
+    try:
+        sm = cc_str(rec.get("compute_capability", "?")).replace(".", "")
+    except (ValueError, TypeError):  # a malformed record is still named in the refusal
+        sm = f"?{rec.get('compute_capability')!r}"
+    return (f"{key} (sm{sm}, "
             f"TensorRT {rec.get('tensorrt', '?')}, {rec.get('precision', '?')})")
 
 

@@ -6,14 +6,16 @@ the sha256 of every file. Graph input/output names are part of the format versio
 """
 from __future__ import annotations
 
-import json
+import math
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from zeropur_rt.config import ZeroPurConfig
-from zeropur_rt.files import sha256_file
+from zeropur_rt.errors import ArtifactError
+from zeropur_rt.files import inside, read_json_object, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -26,10 +28,8 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ap_setup": (("x_in", "coarse"), ("ila_dir_*", "lpips_ref")),
     "ap_grad": (("fine", "ila_dir_*", "lpips_ref"), ("grad",)),
 }
-
-
-class ArtifactError(ValueError):
-    """An artifact directory that is missing, tampered with, or built for something else."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_SIDE = 1 << 14  # pixels; an input side larger than this is not a real export
 
 
 @dataclass
@@ -77,37 +77,128 @@ def graph_io(name: str, n_ila: int) -> tuple[list[str], list[str]]:
 
 
 def load_manifest(artifact_dir: str | os.PathLike, verify_files: bool = True) -> Manifest:
-    """Read and check a manifest: format version, required fields, and (by default) every file's sha256."""
+    """Read and check a manifest: format version, every field's type and range, graph I/O names, files
+    inside the directory, and (by default) every file's sha256. Anything else is an ArtifactError."""
     d = Path(artifact_dir)
     p = d / MANIFEST
-    if not p.is_file():
-        raise ArtifactError(f"{d} is not an artifact directory (no {MANIFEST}); {REBUILD_HINT}")
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{p} is not valid JSON ({e}); {REBUILD_HINT}") from e
-    if raw.get("format_version") != FORMAT_VERSION:
+    if p.is_symlink() or not p.is_file():
+        raise ArtifactError(f"{d} is not an artifact directory (no {MANIFEST} file); {REBUILD_HINT}")
+    raw = read_json_object(p, ArtifactError, "manifest", REBUILD_HINT)
+    if type(raw.get("format_version")) is not int or raw["format_version"] != FORMAT_VERSION:
         raise ArtifactError(f"{d} has artifact format version {raw.get('format_version')!r}, this runtime reads "
                             f"version {FORMAT_VERSION}; {REBUILD_HINT}")
     try:
-        m = Manifest(**{**raw, "input_shape": tuple(raw["input_shape"]), "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
-        m.zeropur_config  # noqa: B018 - validates the config
-    except (TypeError, KeyError, ValueError) as e:
-        raise ArtifactError(f"{p} is malformed ({e}); {REBUILD_HINT}") from e
-    for g, spec in m.graphs.items():
-        if spec.get("file") not in m.files:
-            raise ArtifactError(f"graph {g!r} names file {spec.get('file')!r} that the manifest does not hash; {REBUILD_HINT}")
+        m = _from_dict(d, raw)
+    except (TypeError, KeyError, ValueError) as e:  # ConfigError is a ValueError
+        raise ArtifactError(f"{p} is malformed ({e}); {REBUILD_HINT}") from None
     if verify_files:
         verify_hashes(d, m.files)
     return m
 
 
+def _from_dict(d: Path, raw: dict[str, Any]) -> Manifest:
+    """A Manifest from the parsed JSON, every field checked (the runtime trusts them from here on)."""
+    names = {f.name for f in fields(Manifest)}
+    unknown, missing = sorted(set(raw) - names), sorted(n for n in names - set(raw) if n not in ("engines", "calibration"))
+    if unknown or missing:
+        raise KeyError(f"unknown fields {unknown}, missing fields {missing}")
+    for k, kind in (("model", str), ("taps", dict), ("config", dict), ("batch", dict), ("tools", dict),
+                    ("graphs", dict), ("files", dict), ("engines", dict), ("input_shape", list), ("mean", list),
+                    ("std", list)):
+        if k in raw and not isinstance(raw[k], kind):
+            raise TypeError(f"{k} must be a JSON {kind.__name__}, got {type(raw[k]).__name__}")
+    if raw["weights_sha256"] is not None and not _is_sha(raw["weights_sha256"]):
+        raise ValueError(f"weights_sha256 must be a sha256 hex digest or null, got {raw['weights_sha256']!r}")
+    if raw.get("calibration") is not None and not isinstance(raw["calibration"], dict):
+        raise TypeError("calibration must be a JSON object or null")
+    shape = tuple(raw["input_shape"])
+    if len(shape) != 3 or not all(_is_int(v) and 1 <= v <= MAX_SIDE for v in shape):
+        raise ValueError(f"input_shape must be 3 integers in 1..{MAX_SIDE} (C, H, W), got {raw['input_shape']!r}")
+    for k in ("mean", "std"):
+        v = raw[k]
+        if len(v) != shape[0] or not all(_is_num(a) for a in v):
+            raise ValueError(f"{k} must be {shape[0]} finite numbers (one per channel), got {v!r}")
+    if any(a <= 0 for a in raw["std"]):
+        raise ValueError(f"std must be > 0, got {raw['std']!r}")
+    if not _is_int(raw["num_classes"]) or raw["num_classes"] < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {raw['num_classes']!r}")
+    if not _is_int(raw["opset"]):
+        raise ValueError(f"opset must be an integer, got {raw['opset']!r}")
+    b = raw["batch"]
+    if set(b) != {"min", "opt", "max"} or not all(_is_int(v) for v in b.values()) or not 1 <= b["min"] <= b["opt"] <= b["max"]:
+        raise ValueError(f"batch must be {{min, opt, max}} integers with 1 <= min <= opt <= max, got {b!r}")
+    taps = raw["taps"]
+    for k in ("ila", "lpips"):
+        if not isinstance(taps.get(k, []), list) or not all(isinstance(t, str) for t in taps.get(k, [])):
+            raise TypeError(f"taps.{k} must be a list of module names, got {taps.get(k)!r}")
+    files = raw["files"]
+    for rel, digest in files.items():
+        if not _is_sha(digest):
+            raise ValueError(f"files[{rel!r}] must be a sha256 hex digest, got {digest!r}")
+        try:
+            inside(d, rel)
+        except ValueError as e:
+            raise ArtifactError(f"the manifest of {d} lists a file outside the directory: {e}; {REBUILD_HINT}") from None
+    _check_graphs(raw["graphs"], files)
+    _check_engines(raw.get("engines", {}), files)
+    m = Manifest(**{**raw, "input_shape": shape, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
+    m.zeropur_config  # noqa: B018 - validates the config (ConfigError)
+    return m
+
+
+def _check_graphs(graphs: dict[str, Any], files: dict[str, str]) -> None:
+    unknown = sorted(set(graphs) - set(GRAPH_IO))
+    if unknown or not {"classifier", "gs_grad"} <= set(graphs) or ("ap_setup" in graphs) != ("ap_grad" in graphs):
+        raise ValueError(f"graphs must be classifier + gs_grad [+ ap_setup + ap_grad], got {sorted(graphs)}")
+    for g, spec in graphs.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
+            raise TypeError(f"graph {g!r} must be an object with a 'file', got {spec!r}")
+        if spec["file"] not in files:
+            raise ArtifactError(f"graph {g!r} names file {spec['file']!r} that the manifest does not hash; {REBUILD_HINT}")
+        for k in ("inputs", "outputs"):  # the runners match them against the graph files' own names
+            if not isinstance(spec.get(k), list) or not all(isinstance(n, str) for n in spec[k]):
+                raise TypeError(f"graph {g!r} {k} must be a list of names, got {spec.get(k)!r}")
+
+
+def _check_engines(engines: dict[str, Any], files: dict[str, str]) -> None:
+    """Engine records are matched to the GPU by ``engine_record.select_engines``; here only their shape, and
+    that every engine file they name is hashed (an engine is never loaded unverified)."""
+    for key, rec in engines.items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("graphs", {}), dict):
+            raise TypeError(f"engine record {key!r} must be an object with a 'graphs' object, got {rec!r}")
+        for g, spec in rec.get("graphs", {}).items():
+            if not isinstance(spec, dict) or spec.get("file") not in files:
+                raise ArtifactError(f"engine record {key!r} graph {g!r} names an engine file the manifest does not "
+                                    f"hash ({spec.get('file') if isinstance(spec, dict) else spec!r}); {REBUILD_HINT}")
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_num(v: Any) -> bool:
+    if type(v) is float:
+        return math.isfinite(v)
+    return type(v) is int and abs(v) < 1 << 53  # JSON ints past float precision are no mean or std
+
+
+def _is_sha(v: Any) -> bool:
+    return isinstance(v, str) and _SHA256.fullmatch(v) is not None
+
+
 def verify_hashes(artifact_dir: Path, files: dict[str, str]) -> None:
+    """Every listed file is a regular file inside ``artifact_dir`` (no symlink out of it) with its sha256."""
     for rel, expected in files.items():
-        f = artifact_dir / rel
+        try:
+            f = inside(artifact_dir, rel)
+        except ValueError as e:
+            raise ArtifactError(f"refusing {artifact_dir}: {e}; {REBUILD_HINT}") from None
         if not f.is_file():
             raise ArtifactError(f"{f} is listed in the manifest but missing; {REBUILD_HINT}")
-        got = sha256_file(f)
+        try:
+            got = sha256_file(f)
+        except OSError as e:
+            raise ArtifactError(f"{f} cannot be read ({e.strerror or e}); {REBUILD_HINT}") from None
         if got != expected:
             raise ArtifactError(f"{f} does not match its manifest hash (expected {expected[:12]}…, got {got[:12]}…): "
                                 f"the file was modified or corrupted; {REBUILD_HINT}")

@@ -11,7 +11,9 @@ logits downloaded once, and the loop of each batch size is captured into a CUDA 
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 import zeropur_rt.schedule as schedule
 from zeropur_rt.config import ZeroPurConfig, apply_overrides
 from zeropur_rt.engine_record import check_batch
+from zeropur_rt.errors import InputError, ZeroPurError
 from zeropur_rt.manifest import Manifest, load_manifest
 from zeropur_rt.schedule import LoopBuffers, StageTimes
 from zeropur_rt.validate import check_images
@@ -54,7 +57,27 @@ def make_kernels(kind: str, runner: Any) -> Any:
     return runner.cuda_kernels()
 
 
+def _serialised(method: Any) -> Any:
+    """Run ``method`` under the purifier's lock: one call at a time uses its buffers (see ``Purifier``)."""
+    @functools.wraps(method)
+    def locked(self: "Purifier", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self.runner is None and method.__name__ != "close":
+                raise ZeroPurError("this Purifier is closed: load a new one (Purifier.load)")
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Purifier:
+    """A runner, a kernel set and a config over one artifact's graphs.
+
+    Thread safety: a Purifier may be shared between threads. Its calls are serialised by one lock per
+    Purifier (the loop reuses one set of buffers per batch size, and a device runner has one stream), so
+    every caller gets exactly the result a serial call would give; concurrent callers wait for each other.
+    Input validation runs outside the lock. For parallel throughput load one Purifier per thread (each
+    with ``threads=`` set so that they do not oversubscribe the cores).
+    """
+
     def __init__(self, runner: Any, kernels: Any, cfg: ZeroPurConfig, *, input_shape: tuple[int, int, int],
                  batch: Mapping[str, int], has_ap: bool, manifest: Manifest | None = None, cuda_graph: bool = True,
                  max_cached_batches: int = 4):
@@ -68,6 +91,7 @@ class Purifier:
         self.cuda_graph = bool(cuda_graph) and getattr(runner, "on_device", False)
         self.max_cached_batches = max(1, int(max_cached_batches))
         self._states: OrderedDict[int, _BatchState] = OrderedDict()
+        self._lock = threading.Lock()
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
@@ -102,12 +126,12 @@ class Purifier:
     def prepare(self, x: Any, uint8_nhwc: bool = False) -> np.ndarray:
         """A validated, contiguous float32 NCHW copy of the input."""
         if uint8_nhwc:
-            arr = np.asarray(x)
+            arr = _to_numpy(x)
             if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != self.chw[0]:
-                raise ValueError(f"uint8_nhwc=True needs uint8 (N, H, W, {self.chw[0]}) images, got {arr.dtype} {arr.shape}")
+                raise InputError(f"uint8_nhwc=True needs uint8 (N, H, W, {self.chw[0]}) images, got {arr.dtype} {arr.shape}")
             x = arr.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
-        elif not isinstance(x, np.ndarray):
-            x = _to_numpy(x)
+        else:  # a plain ndarray: a masked array's hidden values must not pass unchecked
+            x = np.asarray(x) if isinstance(x, np.ndarray) else _to_numpy(x)
         check_images(x, self.chw, self.max_batch)
         check_batch(len(x), self.batch, "this artifact")
         return np.ascontiguousarray(x, dtype=np.float32)
@@ -128,6 +152,7 @@ class Purifier:
         self.runner.release([b for _, b in st.bufs.items()], st.bufs.n)
 
     # ------------------------------------------------------------------ the loop
+    @_serialised
     def _loop(self, x_in: np.ndarray, classify: bool, timings: bool, iterates: bool
               ) -> tuple[np.ndarray, np.ndarray | None, StageTimes | None, Iterates | None]:
         r, k, cfg = self.runner, self.kernels, self.cfg
@@ -172,6 +197,7 @@ class Purifier:
         out, logits, st, tr = self._loop(self.prepare(x, uint8_nhwc), True, timings, iterates)
         return _pack((out, logits.argmax(1)), timings and st, iterates and tr)
 
+    @_serialised
     def project(self, x: Any, coarse: Any) -> np.ndarray:
         """Adaptive Projection alone, from ``x`` along a given Guided Shift result ``coarse`` (eager)."""
         x_in, c = self.prepare(x), self.prepare(coarse)
@@ -189,6 +215,7 @@ class Purifier:
         """The victim's logits of the (unpurified) images."""
         return self._logits(self.prepare(x))
 
+    @_serialised
     def _logits(self, x_in: np.ndarray) -> np.ndarray:
         b = self._state(len(x_in)).bufs
         self.runner.upload(b.x_in, x_in)
@@ -199,6 +226,7 @@ class Purifier:
         """Predicted classes of the (unpurified) images."""
         return self._logits(self.prepare(x, uint8_nhwc)).argmax(1)
 
+    @_serialised
     def run_graph(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of one exported graph on host arrays, outside the loop (parity checks feed it the
         reference's iterates)."""
@@ -218,6 +246,7 @@ class Purifier:
         st = self._states.get(n)
         return st is not None and st.replay is not None
 
+    @_serialised
     def close(self) -> None:
         """Free every buffer, captured graph, kernel module and the runner (idempotent)."""
         if self.runner is None:
@@ -252,6 +281,7 @@ def _to_numpy(x: Any) -> np.ndarray:
         if x.device.type != "cpu":
             raise ValueError(f"images on {x.device}: pass host images (x.cpu()); the purifier uploads them itself")
         return x.detach().numpy()
-    if hasattr(x, "__dlpack__"):
-        return np.from_dlpack(x)
-    return np.asarray(x)
+    try:
+        return np.from_dlpack(x) if hasattr(x, "__dlpack__") else np.asarray(x)
+    except (ValueError, TypeError, RuntimeError, BufferError) as e:  # ragged lists, foreign objects
+        raise InputError(f"images must be an array (NCHW float32 in [0, 1]); {type(x).__name__} is not one: {e}") from None

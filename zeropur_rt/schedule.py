@@ -132,22 +132,51 @@ NO_CLOCK = _NoClock()
 Observer = Callable[[str, int, Buffer], None]  # (stage "gs" | "coarse" | "ap", step, the iterate's buffer)
 
 
+def gs_begin(runner: Runner, b: LoopBuffers) -> None:
+    """Guided Shift starts from the input with no momentum."""
+    runner.copy(b.x, b.x_in)
+    runner.zero(b.m)
+
+
+def gs_step(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig, clock: Any = NO_CLOCK) -> None:
+    """One Guided Shift step on every sample of ``b``: re-blur, gradient toward the blur, sign step."""
+    kernels.blur(b.x, b.x_blur, cfg.blur_sigma)
+    clock.lap("blur")
+    runner.run("gs_grad", {"x": b.x, "x_blur": b.x_blur}, {"grad": b.gs_grad, "loss": b.gs_loss})
+    clock.lap("gs_engine")
+    kernels.gs_update(b.x, b.gs_grad, b.m, b.x_in, b.l1, cfg)
+    clock.lap("gs_update")
+
+
+def ap_begin(runner: Runner, b: LoopBuffers, clock: Any = NO_CLOCK) -> None:
+    """Adaptive Projection's constants from the input and the coarse image in ``b.x``; ``b.fine`` restarts
+    from the input."""
+    runner.run("ap_setup", {"x_in": b.x_in, "coarse": b.x}, b.ap_consts)
+    runner.copy(b.fine, b.x_in)
+    clock.lap("ap_setup")
+
+
+def ap_step(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig, clock: Any = NO_CLOCK) -> None:
+    """One Adaptive Projection step on every sample of ``b``."""
+    runner.run("ap_grad", {"fine": b.fine, **b.ap_consts}, {"grad": b.ap_grad})
+    clock.lap("ap_engine")
+    kernels.ap_update(b.fine, b.ap_grad, b.x_in, cfg)
+    clock.lap("ap_update")
+
+
+# The whole-batch loop: every sample of ``b`` takes the same steps together. The per-step functions above
+# are also what zeropur_rt.continuous runs, slot by slot, when samples join and leave between steps.
+
+
 def guided_shift(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,
                  clock: Any = NO_CLOCK, observe: Observer | None = None) -> None:
     """Guided Shift: leaves the coarse image in ``b.x``. ``observe("gs", t, x)`` sees the input of step t,
     ``observe("coarse", gs_steps, x)`` the result."""
-    runner.copy(b.x, b.x_in)
-    runner.zero(b.m)
-    gs_in, gs_out = {"x": b.x, "x_blur": b.x_blur}, {"grad": b.gs_grad, "loss": b.gs_loss}
+    gs_begin(runner, b)
     for t in range(cfg.gs_steps):
         if observe:
             observe("gs", t, b.x)
-        kernels.blur(b.x, b.x_blur, cfg.blur_sigma)
-        clock.lap("blur")
-        runner.run("gs_grad", gs_in, gs_out)
-        clock.lap("gs_engine")
-        kernels.gs_update(b.x, b.gs_grad, b.m, b.x_in, b.l1, cfg)
-        clock.lap("gs_update")
+        gs_step(runner, kernels, b, cfg, clock)
     if observe:
         observe("coarse", cfg.gs_steps, b.x)
 
@@ -156,17 +185,11 @@ def adaptive_projection(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg:
                         clock: Any = NO_CLOCK, observe: Observer | None = None) -> None:
     """Adaptive Projection from ``b.x_in`` along the coarse image in ``b.x``: leaves the result in ``b.fine``.
     ``observe("ap", t, fine)`` sees the input of step t."""
-    runner.run("ap_setup", {"x_in": b.x_in, "coarse": b.x}, b.ap_consts)
-    runner.copy(b.fine, b.x_in)
-    clock.lap("ap_setup")
-    ap_in, ap_out = {"fine": b.fine, **b.ap_consts}, {"grad": b.ap_grad}
+    ap_begin(runner, b, clock)
     for t in range(cfg.ap_steps):
         if observe:
             observe("ap", t, b.fine)
-        runner.run("ap_grad", ap_in, ap_out)
-        clock.lap("ap_engine")
-        kernels.ap_update(b.fine, b.ap_grad, b.x_in, cfg)
-        clock.lap("ap_update")
+        ap_step(runner, kernels, b, cfg, clock)
 
 
 def purify(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,

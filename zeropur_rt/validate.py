@@ -1,9 +1,11 @@
-"""Input checks shared by the reference and the runtime: one clear ValueError per problem."""
+"""Input checks shared by the reference and the runtime: one clear InputError (a ValueError) per problem."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import numpy as np
+
+from zeropur_rt.errors import InputError
 
 _FLOAT_DTYPES = ("float32", "float64")
 
@@ -15,23 +17,25 @@ def _dtype_name(x: Any) -> str:
 def check_images(x: Any, chw: Sequence[int] | None = None, max_batch: int | None = None, name: str = "images") -> None:
     """Validate an NCHW float batch in [0, 1] (numpy array or torch tensor)."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise ValueError(f"{name} must be an array or tensor, got {type(x).__name__}")
+        raise InputError(f"{name} must be an array or tensor, got {type(x).__name__}")
     shape = tuple(int(s) for s in x.shape)
     if len(shape) != 4:
-        raise ValueError(f"{name} must be NCHW (rank 4), got rank {len(shape)} with shape {shape}")
+        raise InputError(f"{name} must be NCHW (rank 4), got rank {len(shape)} with shape {shape}")
     if shape[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {shape})")
+        raise InputError(f"{name} is an empty batch (shape {shape})")
+    if 0 in shape:
+        raise InputError(f"{name} have an empty dimension (shape {shape})")
     if chw is not None:
         if shape[1] != chw[0]:
-            raise ValueError(f"{name} must have {chw[0]} channels (NCHW), got {shape[1]} (shape {shape}); "
+            raise InputError(f"{name} must have {chw[0]} channels (NCHW), got {shape[1]} (shape {shape}); "
                              "for NHWC uint8 input use the uint8/NHWC option")
         if shape[2:] != tuple(chw[1:]):
-            raise ValueError(f"{name} must be {chw[1]}x{chw[2]} pixels, got {shape[2]}x{shape[3]}")
+            raise InputError(f"{name} must be {chw[1]}x{chw[2]} pixels, got {shape[2]}x{shape[3]}")
     if max_batch is not None and shape[0] > max_batch:
-        raise ValueError(f"batch of {shape[0]} exceeds this artifact's maximum batch {max_batch}; split the input or re-export with a larger --max-batch")
+        raise InputError(f"batch of {shape[0]} exceeds this artifact's maximum batch {max_batch}; split the input or re-export with a larger --max-batch")
     dt = _dtype_name(x)
     if dt not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32 or float64 in [0, 1], got dtype {dt}")
+        raise InputError(f"{name} must be float32 or float64 in [0, 1], got dtype {dt}")
     if isinstance(x, np.ndarray):
         finite, lo, hi = bool(np.isfinite(x).all()), None, None
         if finite:
@@ -40,6 +44,6 @@ def check_images(x: Any, chw: Sequence[int] | None = None, max_batch: int | None
         finite = bool(x.isfinite().all())
         lo, hi = (float(x.min()), float(x.max())) if finite else (None, None)
     if not finite:
-        raise ValueError(f"{name} contain NaN or Inf")
+        raise InputError(f"{name} contain NaN or Inf")
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+        raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")

@@ -108,12 +108,10 @@ def make_purify_fn(backend: str, victim: "Victim", cfg: ZeroPurConfig, overrides
 def run_latency(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,
                 log: Callable[[str], None]) -> dict[str, Any]:
     from zeropur_export.costs import cpu_peak_gflops, forward_equivalents, purification_macs
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
 
-    xs, _ = load_cifar10_test(args.data, 0, max(args.batch))
-    x_all = to_nchw_float(xs)
+    x_all, _ = bench_images(args, victim, max(args.batch), labels=False)
     cost = dict(fe_released=forward_equivalents(victim, cfg, "recompute"), fe_lean=forward_equivalents(victim, cfg, "lean"),
-                macs=purification_macs(art, cfg), peak_gflops=cpu_peak_gflops())
+                macs=purification_macs(art, cfg), peak_gflops=cpu_peak_gflops(args.threads))
     rows = []
     combos = [(be, b) for b in args.batch for be in args.backends]
     for be, b in progress(combos, "bench"):
@@ -135,6 +133,24 @@ def run_latency(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, 
         r["speedup_vs_released"] = base["p50_s"] / r["p50_s"] if base else None
     return dict(kind="latency", model=args.model, config=cfg.to_dict(), threads=args.threads, machine=machine_info(),
                 cost_model=cost, rows=rows)
+
+
+def bench_images(args: argparse.Namespace, victim: "Victim", n: int, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first ``n`` images (and labels) to time: the CIFAR-10 copy for the zoo; for --victim its --data
+    (any form, at its input shape), or, for latency without --data, seeded uniform noise of its shape."""
+    if getattr(args, "own", None) is None:
+        from zeropur_rt.data import load_cifar10_test, to_nchw_float
+        xs, ys = load_cifar10_test(args.data, 0, n)
+        return to_nchw_float(xs), ys
+    if not args.data:
+        if labels:
+            raise ValueError("--sweep with --victim needs labelled --data (an .npz, a class-folder tree or a CSV)")
+        return np.random.default_rng(0).random((n, *victim.spec.input_shape), dtype=np.float32), None
+    from zeropur_export.build import victim_data
+    ds, _ = victim_data(args.data, victim, args.resize, labels=labels)
+    if len(ds) < n:
+        raise ValueError(f"{args.data} holds {len(ds)} images, the run needs {n}")
+    return ds.x[:n], None if ds.y is None else ds.y[:n]
 
 
 def latency_markdown(res: dict[str, Any]) -> str:
@@ -160,7 +176,7 @@ def latency_markdown(res: dict[str, Any]) -> str:
               f"= {fr['F_bwd1']:.0f} F (backward = 1 F) / {fr['F_bwd2']:.0f} F (backward = 2 F); lean {fl['forward']:.0f} + "
               f"{fl['backward']:.0f} = {fl['F_bwd1']:.0f} F / {fl['F_bwd2']:.0f} F. Graph MACs per purification: "
               f"{c['macs']['purification'] / 1e9:.2f} G (floor {2 * c['macs']['purification'] / c['peak_gflops'] / 1e9:.4f} s/image "
-              f"at this CPU's sgemm peak of {c['peak_gflops']:.0f} GFLOP/s)."]
+              f"at this CPU's sgemm peak of {c['peak_gflops']:.0f} GFLOP/s: {res['threads']} x its best one-thread sgemm)."]
     return "\n".join(lines)
 
 
@@ -197,10 +213,8 @@ def run_sweep(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, ov
     import torch
 
     from zeropur_export.attacks import pgd_linf
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
     from zeropur_rt.pipeline import Purifier
-    xs, ys = load_cifar10_test(args.data, 0, args.sweep_n)
-    x = to_nchw_float(xs)
+    x, ys = bench_images(args, victim, args.sweep_n, labels=True)
     adv = pgd_linf(victim, torch.from_numpy(x), torch.from_numpy(ys)).numpy()
     rows = []
     grid = [(g, a) for g in args.sweep_gs for a in args.sweep_ap]
@@ -253,7 +267,7 @@ def sweep_plot(res: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zeropur-export bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--model", default=None, help="zoo architecture (default resnet20); or --victim")
     ap.add_argument("--artifacts", default=None, help="artifact dir, used with the config it was exported with "
                     "(default artifacts/<model>-paper: the paper recipe, exported if missing)")
     ap.add_argument("--backends", nargs="+", default=["released", "lean", "onnxruntime"])
@@ -267,9 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-n", type=int, default=200)
     ap.add_argument("--sweep-gs", nargs="+", type=int, default=[0, 5, 10])
     ap.add_argument("--sweep-ap", nargs="+", type=int, default=[0, 10, 25, 50])
-    ap.add_argument("--data", default=None)
+    ap.add_argument("--data", default=None, help="images: the CIFAR-10 copy for --model; any form for --victim "
+                    "(latency without --data times seeded noise of the victim's shape)")
+    ap.add_argument("--resize", choices=["crop", "refuse"], default="crop",
+                    help="--data images of another size: scale to cover + centre crop (default), or refuse")
     ap.add_argument("--out", default=None, help="output folder for JSON, markdown and PNG (default runs/bench_<model>)")
+    from zeropur_export.victim_cli import add_victim_args
+    add_victim_args(ap)
     args = ap.parse_args(argv)
+    if args.model and args.victim:
+        ap.error("pass --model (zoo) or --victim, not both")
     unknown = [b for b in args.backends if b not in ALL_BACKENDS]
     if unknown:
         ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
@@ -280,14 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     from zeropur_export.zoo import load_victim
     from zeropur_rt.manifest import load_manifest
     torch.set_num_threads(args.threads)
-    art = ensure_artifacts(args.model, args.artifacts) if args.artifacts else recipe_artifacts(args.model, "paper")[1]
+    args.own = None
+    if args.victim:
+        from zeropur_export.build import victim_artifacts
+        from zeropur_export.victim_cli import resolve_victim
+        args.own = resolve_victim(args)
+        args.model = args.own.name
+        art = victim_artifacts(args.own, args.artifacts)
+    else:
+        args.model = args.model or "resnet20"
+        art = ensure_artifacts(args.model, args.artifacts) if args.artifacts else recipe_artifacts(args.model, "paper")[1]
     manifest = load_manifest(art)
     cfg = apply_overrides(manifest.zeropur_config, overrides, baked=True)
     max_batch = manifest.batch["max"]
     too_big = [b for b in args.batch if b > max_batch or b < 1]
     if too_big and not args.sweep:
         raise ValueError(f"batch sizes {too_big} do not fit this artifact (1..{max_batch}); re-export with --max-batch")
-    victim = load_victim(args.model)
+    victim = args.own.victim if args.own is not None else load_victim(args.model)
     out = Path(args.out or f"runs/{'sweep' if args.sweep else 'bench'}_{args.model}")
     if args.sweep:
         res = run_sweep(args, victim, cfg, overrides, art, print)

@@ -5,32 +5,28 @@ A recipe is a ZeroPurConfig with a name: ``paper`` (the model's preset, the rele
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from zeropur_rt.config import ZeroPurConfig, apply_overrides, parse_sets, preset
-from zeropur_rt.files import sha256_file
+from zeropur_rt.config import ZeroPurConfig, apply_overrides, parse_sets, preset, preset_for_shape
+from zeropur_rt.errors import ConfigError
+from zeropur_rt.files import read_json_object, sha256_file
 from zeropur_rt.manifest import MANIFEST, load_manifest
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
-def build_config(preset_name: str, config_file: str | Path | None = None, sets: Sequence[str] = ()
-                 ) -> tuple[ZeroPurConfig, dict[str, Any] | None]:
-    """Preset, then a config file (a ZeroPurConfig JSON, as calibration writes it), then ``--set`` pairs.
+def build_config(preset_name: str, config_file: str | Path | None = None, sets: Sequence[str] = (),
+                 input_shape: Sequence[int] | None = None) -> tuple[ZeroPurConfig, dict[str, Any] | None]:
+    """Preset (at ``input_shape``'s resolution, by ``preset_for_shape``), then a config file (a ZeroPurConfig
+    JSON, as calibration writes it), then ``--set`` pairs.
 
     Returns the config and the provenance the manifest records (None without a file).
     """
-    cfg = preset(preset_name)
+    cfg = preset_for_shape(input_shape, preset_name) if input_shape is not None else preset(preset_name)
     calibration = None
     if config_file:
-        try:
-            raw = json.loads(Path(config_file).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read config file {config_file}: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{config_file} must hold a JSON object")
+        raw = read_json_object(config_file, ConfigError, "config file")
         calibration = {"config_file": Path(config_file).name, "sha256": sha256_file(config_file)}  # provenance
         cfg = ZeroPurConfig.from_dict({**cfg.to_dict(), **raw})
     return apply_overrides(cfg, parse_sets(sets)), calibration
@@ -118,3 +114,36 @@ def load_backend(artifact_dir: str | Path, backend: str = "onnxruntime", device:
         return load_purifier(artifact_dir, device or "cpu", overrides=overrides, threads=threads)
     from zeropur_rt.pipeline import Purifier
     return Purifier.load(artifact_dir, backend, device, threads=threads, overrides=overrides)
+
+
+def victim_data(path: str | Path, victim: Any, resize: str = "crop", labels: bool = True) -> tuple[Any, dict[str, Any]]:
+    """A user's image set at ``victim``'s input shape (a ``zeropur_rt.datasets.ImageSet``) and how it was split.
+
+    Labelled rows are dealt out class by class (``stratified_order``), so every slice and prefix is about
+    class-balanced; the first half of that order is the evaluation slice, the second the calibration slice."""
+    from zeropur_rt.datasets import read_dataset, stratified_order
+    ds = read_dataset(path, victim.spec.input_shape, resize=resize, labels=labels, num_classes=victim.spec.num_classes)
+    if ds.y is not None:
+        ds = ds.take(stratified_order(ds.y))
+    split = dict(order="class-interleaved (zeropur_rt.datasets.stratified_order)" if ds.y is not None else "file order",
+                 n_data=len(ds), eval_rows=[0, len(ds) // 2], classes=ds.classes, resize=resize)
+    return ds, split
+
+
+def victim_artifacts(rv: Any, out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """The artifact directory of a resolved ``--victim`` (``victim_cli.ResolvedVictim``): ``out_dir`` (default
+    artifacts/<name>-paper) if it holds this victim, else exported there with the paper recipe at its resolution.
+    A directory that holds another model or other weights is refused, never overwritten."""
+    from zeropur_export.victim_cli import preset_name
+    out = Path(out_dir or f"artifacts/{rv.name}-paper")
+    if (out / MANIFEST).is_file():
+        m = load_manifest(out)
+        if m.model != rv.name or (rv.weights_sha256 and m.weights_sha256 != rv.weights_sha256):
+            raise ValueError(f"{out} holds {m.model} (weights {str(m.weights_sha256)[:12]}), not {rv.name} (weights "
+                             f"{str(rv.weights_sha256)[:12]}); remove it or pick another --artifacts dir")
+        return out
+    from zeropur_export.onnx_export import export_artifacts
+    cfg, _ = build_config(preset_name(rv), input_shape=rv.victim.spec.input_shape)
+    log(f"exporting {rv.name} to {out} (once) ...")
+    return export_artifacts(rv.victim, cfg, out, model=rv.name, weights_sha256=rv.weights_sha256,
+                            taps_source=rv.taps_source, log=log)

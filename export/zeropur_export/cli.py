@@ -1,6 +1,8 @@
 """``zeropur-export``: every build-time command (needs torch).
 
     zeropur-export export resnet20 --out artifacts/resnet20      # the victim's ZeroPur graphs + manifest
+    zeropur-export suggest-taps --victim net.py:make --input-shape 3,32,32   # taps of your own classifier
+    zeropur-export export --victim net.py:make --weights w.pt --mean .. --std .. --input-shape .. --num-classes .. --out DIR
     zeropur-export build-engines artifacts/resnet20              # TensorRT engines next to them
     zeropur-export calibrate --model resnet20                    # a per-victim recipe
     zeropur-export demo --model resnet20 --n 64                  # PGD, then purification, on real images
@@ -24,7 +26,9 @@ from zeropur_rt.files import sha256_file
 # module may be absent from a partial install; its ImportError then reaches the user as a one-line error).
 DELEGATED = {
     "build-engines": ("zeropur_export.engines:main_build_engines", "build TensorRT engines for an artifact directory"),
+    "check": ("zeropur_export.check:main", "Polygraphy: inspect every graph, compare ONNX Runtime / TensorRT outputs"),
     "calibrate": ("zeropur_export.calibrate.cli:main", "search a per-victim recipe on calibration rows"),
+    "suggest-taps": ("zeropur_export.victim_cli:main_suggest_taps", "trace your classifier once and propose its taps"),
     "demo": ("zeropur_export.demo:main", "PGD on the bare classifier, then purification: accuracy and time"),
     "bench": ("zeropur_export.bench:main", "latency per backend and batch, cost model, steps sweep"),
     "eval": ("zeropur_export.evaluate:main", "robust accuracy with and without ZeroPur, attacks from ART"),
@@ -32,7 +36,8 @@ DELEGATED = {
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo architecture (e.g. resnet20, resnet56, preact_resnet18, wrn28_10, resnet50, vgg19_bn)")
+    p.add_argument("model", nargs="?", help="zoo architecture (e.g. resnet20, resnet56, preact_resnet18, wrn28_10, "
+                   "resnet50, vgg19_bn); or --victim for your own classifier")
     p.add_argument("--out", required=True, help="artifact directory to create")
     p.add_argument("--weights", help="weights file (state_dict); default: the known pretrained file")
     p.add_argument("--weights-sha256", help="expected sha256 of --weights (refuse the file if it differs)")
@@ -49,6 +54,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--verbose", action="store_true")
+    from zeropur_export.victim_cli import add_victim_args
+    add_victim_args(p, weights=False)  # --weights above serves both
 
 
 def run_export(args: argparse.Namespace) -> Path:
@@ -57,6 +64,12 @@ def run_export(args: argparse.Namespace) -> Path:
     from zeropur_export.weights import KNOWN_WEIGHTS, find_weights, verify_sha256
     from zeropur_export.zoo import ZOO, load_victim, zoo_names
 
+    if args.victim or args.model is None:
+        return run_export_victim(args)
+    from zeropur_export.victim_cli import own_flags
+    if own_flags(args):
+        raise ValueError(f"{', '.join(own_flags(args))} describe your own classifier (--victim FILE.py:FACTORY); "
+                         f"the zoo's {args.model} declares its own contract and taps")
     if args.model not in ZOO:
         raise ValueError(f"unknown architecture {args.model!r}; valid: {', '.join(zoo_names())}")
     out = Path(args.out)
@@ -89,6 +102,35 @@ def run_export(args: argparse.Namespace) -> Path:
                             model=args.model, opset=args.opset or DEFAULT_OPSET, calibration=calibration,
                             verbose=args.verbose, log=lambda s: print(f"  {s}", file=sys.stderr))
     print(f"wrote {path} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    return path
+
+
+def run_export_victim(args: argparse.Namespace) -> Path:
+    """``export --victim SPEC``: a zoo name or your own classifier (its taps and weights recorded in the manifest)."""
+    from zeropur_export.build import build_config
+    from zeropur_export.onnx_export import DEFAULT_OPSET, BatchRange, export_artifacts
+    from zeropur_export.victim_cli import preset_name, resolve_victim
+    from zeropur_export.weights import verify_sha256
+
+    if args.model and args.victim:
+        raise ValueError(f"pass the victim once: the positional {args.model!r} or --victim {args.victim!r}")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"artifact directory {out} already exists; pass --force to replace it")
+    if args.weights and args.random_init:
+        raise ValueError("--weights and --random-init are exclusive")
+    if args.weights and args.weights_sha256:
+        verify_sha256(Path(args.weights), args.weights_sha256.lower())
+    batch = BatchRange(args.min_batch, args.opt_batch, args.max_batch)
+    rv = resolve_victim(args, random_init=args.random_init, seed=args.seed)
+    shape = rv.victim.spec.input_shape
+    cfg, calibration = build_config(args.preset or preset_name(rv), args.config, args.set, input_shape=shape)
+    t = time.perf_counter()
+    path = export_artifacts(rv.victim, cfg, out, batch=batch, force=args.force, weights_sha256=rv.weights_sha256,
+                            model=rv.name, opset=args.opset or DEFAULT_OPSET, calibration=calibration,
+                            taps_source=rv.taps_source, verbose=args.verbose,
+                            log=lambda s: print(f"  {s}", file=sys.stderr))
+    print(f"wrote {path} in {time.perf_counter() - t:.1f}s (taps: {rv.taps_source})", file=sys.stderr)
     return path
 
 

@@ -64,8 +64,11 @@ def graph_macs(onnx_path: str | Path) -> int:
         shapes[vi.name] = [x.dim_value if x.HasField("dim_value") else 1 for x in vi.type.tensor_type.shape.dim]
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
+    inits = {i.name: i for i in model.graph.initializer}
     macs = 0
     for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and _is_selection(inits.get(node.input[1])):
+            continue  # data movement written as a convolution (fold._SelectConv): not arithmetic
         if node.op_type in ("Conv", "ConvTranspose"):
             # Conv weights are (Cout, Cin/g, kh, kw): each output element takes Cin/g*kh*kw MACs.
             # ConvTranspose weights are (Cin, Cout/g, kh, kw): each input element scatters Cout/g*kh*kw.
@@ -80,6 +83,15 @@ def graph_macs(onnx_path: str | Path) -> int:
     return macs
 
 
+def _is_selection(init) -> bool:
+    """A 1x1 kernel of zeros and ones with at most one 1 per output and per input channel: it moves values."""
+    if init is None or len(init.dims) != 4 or tuple(init.dims[2:]) != (1, 1):
+        return False
+    from onnx import numpy_helper
+    w = numpy_helper.to_array(init).reshape(init.dims[0], init.dims[1])
+    return bool(np.isin(w, (0, 1)).all() and (w.sum(0) <= 1).all() and (w.sum(1) <= 1).all())
+
+
 def purification_macs(artifact_dir: str | Path, cfg: ZeroPurConfig) -> dict[str, object]:
     """MACs per image of one purification, from the exported graphs."""
     d = Path(artifact_dir)
@@ -88,15 +100,29 @@ def purification_macs(artifact_dir: str | Path, cfg: ZeroPurConfig) -> dict[str,
     return dict(per_graph=per, purification=total)
 
 
-def cpu_peak_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """A practical float32 ceiling of this machine: the best sgemm rate numpy's BLAS reaches."""
+def cpu_peak_gflops(threads: int = 1, n: int = 1024, repeats: int = 10) -> float:
+    """A practical float32 ceiling of ``threads`` cores: ``threads`` x the best one-thread sgemm rate (torch's BLAS).
+
+    One thread timed and multiplied, not ``threads`` timed together: the ceiling must not depend on
+    OMP_NUM_THREADS (at 1, a BLAS that honours it reports one core's rate against a runtime on two), and on
+    a shared machine another process on one core drags a multi-threaded sgemm far down (2-thread OpenBLAS
+    measured 41 GFLOP/s beside 97 for one thread) while the best of a few one-thread runs holds. Perfect
+    scaling makes it an upper bound of what the threads reach together, so a percentage of it is a lower bound.
+    """
     import time
 
-    a = np.random.rand(n, n).astype(np.float32)
-    b = np.random.rand(n, n).astype(np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    import torch
+
+    a = torch.rand(n, n)
+    b = torch.rand(n, n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(before)
+    return threads * 2 * n ** 3 / best / 1e9

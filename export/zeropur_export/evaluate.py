@@ -68,7 +68,7 @@ def parse_rows(s: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeropur-export eval", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet20"])
+    ap.add_argument("--models", nargs="+", default=None, help="zoo architectures (default resnet20); or --victim")
     ap.add_argument("--n", type=int, default=100, help="images: test rows 0..N-1 (default 100)")
     ap.add_argument("--rows", default=None, help="START:STOP test rows (default 0:N); overrides --n")
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), help=f"any of {', '.join(ATTACKS)}")
@@ -90,10 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="CIFAR-10 test .npz (default <shared>/data/cifar10_test.npz)")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval_<model>); may contain {model}")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--resize", choices=["crop", "refuse"], default="crop",
+                    help="--data images of another size: scale to cover + centre crop (default), or refuse")
+    from zeropur_export.victim_cli import add_victim_args
+    add_victim_args(ap)
     return ap
 
 
 def validate_args(args: argparse.Namespace) -> None:
+    if args.victim and args.models:
+        raise ValueError("pass --models (zoo) or --victim (one classifier), not both")
+    if args.victim and ":" in args.victim and not args.data:
+        raise ValueError("--victim needs --data (an .npz, a folder with one subfolder per class, or a path,label CSV)")
+    args.own = None
+    if args.victim:
+        from zeropur_export.victim_cli import resolve_victim
+        args.own = resolve_victim(args)
+        args.models = [args.own.name]
+    args.models = args.models or ["resnet20"]
     bad = [a for a in args.attacks if a not in ATTACKS]
     if bad:
         raise ValueError(f"unknown attack(s) {bad}; choose from {', '.join(ATTACKS)}")
@@ -130,7 +144,10 @@ class Evaluator:
         from zeropur_export.build import ensure_artifacts, load_backend, recipe_artifacts
         self.model, self.args, self.log = model, args, log
         self.glue = _require_art()
-        if args.artifacts:
+        if args.own is not None:
+            from zeropur_export.build import victim_artifacts
+            self.art_dir = victim_artifacts(args.own, args.artifacts, log=log)
+        elif args.artifacts:
             self.art_dir = ensure_artifacts(model, _dir_for(args.artifacts, model, len(args.models)), log=log)
         else:
             self.art_dir = recipe_artifacts(model, "paper", log=log)[1]
@@ -142,7 +159,7 @@ class Evaluator:
     def load(self) -> None:
         """The heavy part (victim weights, ART classifier), after every model passed the checks."""
         from zeropur_export.zoo import load_victim
-        self.victim = load_victim(self.model)
+        self.victim = self.args.own.victim if self.args.own is not None else load_victim(self.model)
         self.clf = self.glue.art_classifier(self.victim, self.pur.manifest.num_classes, tuple(self.pur.chw))
 
     def _chunks(self, n: int) -> list[slice]:
@@ -278,8 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     log = print
     # Every model's artifact, batch and overrides checked before any attack runs.
     evals = [Evaluator(m, args, log) for m in args.models]
-    xs, ys = load_cifar10_test(args.data, *args.rows)
-    x = to_nchw_float(xs)
+    if args.own is not None and args.data:
+        from zeropur_export.build import victim_data
+        ds, split = victim_data(args.data, args.own.victim, args.resize)
+        if args.rows[1] > len(ds):
+            raise ValueError(f"rows {args.rows[0]}:{args.rows[1]} out of range: {args.data} holds {len(ds)} images")
+        if args.rows[1] > split["eval_rows"][1]:
+            log(f"note: rows {args.rows[0]}:{args.rows[1]} reach past the evaluation half 0:{split['eval_rows'][1]} "
+                "(calibrate uses the second half)")
+        x, ys = ds.x[args.rows[0]:args.rows[1]], ds.y[args.rows[0]:args.rows[1]]
+    else:
+        xs, ys = load_cifar10_test(args.data, *args.rows)
+        x = to_nchw_float(xs)
     machine = machine_info()
     for ev in evals:
         ev.load()

@@ -28,6 +28,7 @@ from zeropur_export import lowering, trt_ops
 from zeropur_export.reference import APConstants, ap_constants, ap_loss, gs_loss
 from zeropur_export.taps import Victim
 from zeropur_rt.config import ZeroPurConfig
+from zeropur_rt.errors import ZeroPurError
 from zeropur_rt.files import atomic_write_json, default_mode, sha256_file
 from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, graph_io, load_manifest
 
@@ -36,7 +37,7 @@ GRAPHS_FULL = ("classifier", "gs_grad", "ap_setup", "ap_grad")
 GRAPHS_GS_ONLY = ("classifier", "gs_grad")
 
 
-class ExportError(RuntimeError):
+class ExportError(ZeroPurError, RuntimeError):
     """The export could not produce a valid artifact directory (nothing was left behind)."""
 
 
@@ -166,10 +167,20 @@ def export_graph(victim: Victim, cfg: ZeroPurConfig, name: str, path: Path, batc
                                      input_names=in_names, output_names=out_names, optimize=True,
                                      external_data=False, verbose=verbose)
             prog.save(str(path))
+        _lean_masks(path)
     except Exception as e:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"torch.onnx.export of {name} for {victim.name} failed: {e}") from e
     return {"file": path.name, "inputs": in_names, "outputs": out_names,
             "seconds": {"trace": t1 - t0, "export": time.perf_counter() - t1}}
+
+
+def _lean_masks(path: Path) -> None:
+    """The ReLU-backward masks as HardSigmoid (``lowering.relu_masks_to_hardsigmoid``), rewritten in place."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if lowering.relu_masks_to_hardsigmoid(model):
+        onnx.save(model, str(path))
 
 
 def _other_dims(victim: Victim, cfg: ZeroPurConfig, name: str) -> list[int]:
@@ -220,6 +231,58 @@ def tool_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- destination handling
+def _lock_destination(out_dir: Path) -> tuple[int, Path] | None:
+    """One export at a time into ``out_dir``: an exclusive flock on ``.NAME.lock`` beside it, held until
+    ``_unlock``. The kernel drops it when the holder dies, SIGKILL included, so a lock is never stale; a
+    second exporter fails at once instead of racing the first one's rename."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; the final rename still never leaves a partial directory
+        return None
+    lock = out_dir.parent / f".{out_dir.name}.lock"
+    for _ in range(10):
+        try:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, default_mode())
+        except OSError as e:
+            raise PermissionError(f"cannot write the artifact directory {out_dir}: {out_dir.parent} is not writable "
+                                  f"({e})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ExportError(f"another export into {out_dir} is running (it holds {lock}): wait for it to finish, "
+                              "or export to another --out") from None
+        try:  # the holder unlinks the file on release: a lock on an unlinked file is no lock, take the new one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd, lock
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise ExportError(f"could not lock {lock}: other exports into {out_dir} keep starting; retry")
+
+
+def _unlock(lock: tuple[int, Path] | None) -> None:
+    if lock is not None:
+        lock[1].unlink(missing_ok=True)  # unlink while still holding it (see _lock_destination)
+        os.close(lock[0])
+
+
+def _clear_leftovers(out_dir: Path, say: Callable[[str], None]) -> None:
+    """Under the lock, what a killed export left beside ``out_dir``: temp dirs (removed) and, if it died
+    inside a --force swap, the previous directory (put back when ``out_dir`` is gone, else removed)."""
+    name = "".join(f"[{c}]" if c in "*?[" else c for c in out_dir.name)  # glob-escaped
+    for p in sorted(out_dir.parent.glob(f".{name}.*.partial")):
+        shutil.rmtree(p, ignore_errors=True)
+        say(f"removed {p.name}, left by an export that was killed")
+    for p in sorted(out_dir.parent.glob(f".{name}.*.old")):
+        if not out_dir.exists():
+            os.replace(p, out_dir)
+            say(f"restored {out_dir} from {p.name} (an export with --force was killed while replacing it)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _prepare_destination(out_dir: Path, force: bool) -> Path:
     """Checks and a temp dir beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -230,14 +293,19 @@ def _prepare_destination(out_dir: Path, force: bool) -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
-    except OSError as e:
+    except PermissionError as e:
         raise PermissionError(f"cannot write the artifact directory {out_dir}: {parent} is not writable ({e})") from e
+    except OSError as e:
+        raise ExportError(f"cannot create the artifact directory {out_dir} ({e})") from e
     return tmp
 
 
-def _commit(tmp: Path, out_dir: Path) -> None:
+def _commit(tmp: Path, out_dir: Path, force: bool) -> None:
     os.chmod(tmp, default_mode(directory=True))  # mkdtemp made it 0700
     old = None
+    if out_dir.exists() and not force:  # made by something other than an export (those wait on the lock)
+        raise FileExistsError(f"artifact directory {out_dir} appeared during the export; pass --force (force=True) "
+                              "to replace it")
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
         os.rmdir(old)
@@ -258,12 +326,15 @@ def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathL
                      force: bool = False, weights_sha256: str | None = None, model: str | None = None,
                      opset: int = DEFAULT_OPSET, calibration: dict[str, Any] | None = None,
                      graphs: Sequence[str] | None = None, check: bool = True, verbose: bool = False,
-                     log: Callable[[str], None] | None = None) -> Path:
+                     log: Callable[[str], None] | None = None, taps_source: str | None = None,
+                     fold: bool = True) -> Path:
     """Export ``victim``'s ZeroPur graphs + manifest.json into ``out_dir`` (atomically); returns its path.
 
     ``victim``: a zoo victim (``zoo.load_victim``) or a user network wrapped by ``taps.make_victim``.
     GS-only victims (no ILA/LPIPS taps) get classifier + gs_grad only. ``cfg``'s ila_weight and
-    lpips_weight are baked into ap_grad.
+    lpips_weight are baked into ap_grad. ``taps_source`` (auto, hand, contract, declared): how the taps were
+    chosen, recorded in the manifest's taps. ``fold``: eval-mode BatchNorm folded into the convolutions
+    before tracing (``zeropur_export.fold``; the manifest's ``tools.bn_folded`` says how many).
     """
     if not isinstance(victim, Victim):
         raise TypeError("victim must be a zeropur_export.taps.Victim (wrap your nn.Module with taps.make_victim)")
@@ -273,12 +344,21 @@ def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathL
         batch = BatchRange(**batch)
     elif not isinstance(batch, BatchRange):
         batch = BatchRange(*batch)
+    if fold:  # eval-mode BatchNorm into the convolutions before tracing: the same function, fewer nodes
+        from zeropur_export.fold import fold_batchnorm
+        victim, folded = fold_batchnorm(victim)
     if cfg.ap_steps > 0 and not victim.spec.supports_ap:
         cfg = cfg.replace(ap_steps=0)  # GS only: the manifest's config must not ask for AP graphs that do not exist
     names = tuple(graphs) if graphs is not None else (GRAPHS_FULL if victim.spec.supports_ap else GRAPHS_GS_ONLY)
     out_dir = Path(out_dir).absolute()
-    tmp = _prepare_destination(out_dir, force)
     say = log or (lambda s: None)
+    lock = _lock_destination(out_dir)
+    try:
+        _clear_leftovers(out_dir, say)
+        tmp = _prepare_destination(out_dir, force)
+    except BaseException:
+        _unlock(lock)
+        raise
     try:
         n_ila = len(victim.spec.ila)
         graph_specs: dict[str, dict[str, Any]] = {}
@@ -294,13 +374,18 @@ def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathL
         s = victim.spec
         manifest = Manifest(
             format_version=FORMAT_VERSION, model=model or victim.name, weights_sha256=weights_sha256,
-            taps=s.to_dict(), config=cfg.to_dict(), input_shape=tuple(s.input_shape), mean=tuple(s.mean),
-            std=tuple(s.std), num_classes=s.num_classes, batch=batch.to_dict(), opset=opset, tools=tool_versions(),
+            taps={**s.to_dict(), **({"source": taps_source} if taps_source else {})}, config=cfg.to_dict(), input_shape=tuple(s.input_shape), mean=tuple(s.mean),
+            std=tuple(s.std), num_classes=s.num_classes, batch=batch.to_dict(), opset=opset,
+            tools={**tool_versions(), **({"bn_folded": folded.summary()} if fold else {})},
             graphs=graph_specs, files=files, calibration=calibration)
         atomic_write_json(tmp / MANIFEST, manifest.to_dict())
         load_manifest(tmp)  # round trip: what the runtime will read
-        _commit(tmp, out_dir)
-    except BaseException:
+        _commit(tmp, out_dir, force)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, (FileExistsError, PermissionError)):  # disk full, EFBIG, ...
+            raise ExportError(f"writing the artifact directory {out_dir} failed ({e}); nothing was left behind") from e
         raise
+    finally:
+        _unlock(lock)
     return out_dir

@@ -161,3 +161,114 @@ def make_victim(net: nn.Module, taps: TapSpec | dict[str, Any], name: str = "cus
     spec = taps if isinstance(taps, TapSpec) else TapSpec.from_dict(taps)
     return Victim(net, spec, name)
 
+
+
+# ---------------------------------------------------------------- tap suggestion from one traced forward pass
+@dataclass(frozen=True)
+class TapSuggestion:
+    """What ``suggest_taps`` found: the taps (None where a role could not be filled), every traced module's
+    output shape in call order, the stages, and why a role is missing."""
+
+    embedding: str | None
+    ila: tuple[str, ...]
+    lpips: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+    stages: tuple[str, ...]
+    problems: tuple[str, ...]
+    embedding_shape: tuple[int, ...] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.embedding is not None and len(self.ila) == 2 and bool(self.lpips)
+
+    def spec(self, mean: Any, std: Any, input_shape: Any, num_classes: int) -> TapSpec:
+        if not self.complete:
+            raise ValueError("no taps could be suggested for this network: " + "; ".join(self.problems) +
+                             ". " + HAND_TAPS_HINT)
+        return TapSpec(embedding=self.embedding, ila=self.ila, lpips=self.lpips, mean=tuple(mean), std=tuple(std),
+                       input_shape=tuple(input_shape), num_classes=int(num_classes))
+
+
+HAND_TAPS_HINT = ("Pass them by hand, as module names from the list above: --embedding NAME:in (the input of the "
+                  "final linear layer, rank 2), --ila A B (the outputs of the last two resolution stages, rank 4) and "
+                  "--lpips A B ... (every stage output, rank 4); or put embedding/ila/lpips into the --contract JSON")
+
+
+def suggest_taps(net: nn.Module, input_shape: Any) -> TapSuggestion:
+    """Trace one forward pass (forward hooks on every module) of a (1, C, H, W) input and propose taps.
+
+    A *stage* is the last module to finish before the spatial resolution changes: among the modules called
+    once per forward with a rank-4 output larger than 1x1, the stretch of the call order at one resolution
+    ends with its stage, the outermost (fewest dots) module of the stretch that finishes last (e.g.
+    ``layer2``, not the first 1x1 conv of ``layer3.0`` that still runs at layer2's resolution). The embedding is the input of the last ``nn.Linear`` called; the ILA layers
+    are the last two stages; the LPIPS layers every stage.
+    """
+    order: list[tuple[str, tuple[int, ...]]] = []
+    calls: dict[str, int] = {}
+    lin_in: dict[str, tuple[int, ...]] = {}
+    hooks = []
+
+    def post(name: str):
+        def hook(_m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(out, torch.Tensor):
+                order.append((name, tuple(out.shape)))
+            if isinstance(_m, nn.Linear) and args and isinstance(args[0], torch.Tensor):
+                lin_in[name] = tuple(args[0].shape)
+        return hook
+
+    for name, m in net.named_modules():
+        if name:
+            hooks.append(m.register_forward_hook(post(name)))
+    was_training = net.training
+    try:
+        net.eval()
+        p = next(net.parameters(), None)
+        x = torch.full((1, *input_shape), 0.5, dtype=p.dtype if p is not None else torch.float32)
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    shapes = {n: s for n, s in order}
+    problems = []
+    linears = [n for n, _ in order if n in lin_in and calls[n] == 1]
+    embedding = None
+    if not linears:
+        problems.append("no nn.Linear layer is called in forward(), so there is no 'input of the final linear layer'")
+    elif len(lin_in[linears[-1]]) != 2:
+        problems.append(f"the final linear layer {linears[-1]!r} takes a rank-{len(lin_in[linears[-1]])} input, "
+                        "the embedding must be rank 2 (N, D)")
+    else:
+        embedding = f"{linears[-1]}:in"
+    spatial = [(n, s) for n, s in order if len(s) == 4 and s[2] * s[3] > 1 and calls[n] == 1]
+    runs: list[list[str]] = []  # maximal stretches of the call order at one resolution
+    for i, (n, shp) in enumerate(spatial):
+        if i == 0 or spatial[i - 1][1][2:] != shp[2:]:
+            runs.append([])
+        runs[-1].append(n)
+    # the outermost module of a stretch (a block's first ops may still run at the old resolution)
+    stages = [max(run, key=lambda n, r=run: (-n.count("."), r.index(n))) for run in runs]
+    if len(stages) < 2:
+        problems.append(f"found {len(stages)} resolution stage(s) (rank-4 outputs whose H x W changes along the "
+                        "forward pass); ILA needs two")
+    ila = tuple(stages[-2:]) if len(stages) >= 2 else ()
+    return TapSuggestion(embedding, ila, tuple(stages) if len(stages) >= 2 else (), shapes, tuple(stages),
+                         tuple(problems), lin_in[linears[-1]] if embedding else None)
+
+
+def format_suggestion(s: TapSuggestion) -> str:
+    """The traced modules with their shapes (stages marked) and the proposed taps, for the terminal."""
+    lines = ["module outputs, in call order (1 image):"]
+    for n, shp in s.shapes.items():
+        mark = "  <- stage" if n in s.stages else ""
+        lines.append(f"  {n:40s} {'x'.join(map(str, shp[1:]))}{mark}")
+    if s.complete:
+        lines += ["", "suggested taps:",
+                  f"  embedding  {s.embedding}  ({'x'.join(map(str, s.embedding_shape[1:]))}, the input of the final linear layer)",
+                  f"  ila        {' '.join(s.ila)}  ({', '.join('x'.join(map(str, s.shapes[t][1:])) for t in s.ila)})",
+                  f"  lpips      {' '.join(s.lpips)}"]
+    else:
+        lines += ["", "no complete suggestion: " + "; ".join(s.problems) + ".", HAND_TAPS_HINT + "."]
+    return "\n".join(lines)

@@ -29,6 +29,9 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_every_graph_matches_the_cpu_provider(art20, cifar, provider):
     gpu = Purifier.load(art20, device="cuda", provider=provider)
+    # issue 16 item 4: the sessions really run on the provider asked for (the runner refuses a CPU fallback)
+    want = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}[provider]
+    assert all(s.get_providers()[0] == want for s in gpu.runner.sessions.values())
     cpu = Purifier.load(art20, threads=2)
     x = cifar[0][:16]
     xb = np.empty_like(x)

@@ -1,5 +1,8 @@
-"""GPU tests of the TensorRT backend: engine builds, FP32 gradient parity, the Purifier on TensorRT
-against the torch reference, the device-resident loop, and CUDA graph replay bit for bit.
+"""GPU tests of the TensorRT backend: engine builds (batch range and fixed batch 1, fp32 and fp16, another
+device), FP32 gradient parity, the Purifier on TensorRT against the torch reference, the device-resident
+loop with and without CUDA graph replay, one activation buffer, a failed capture and TensorRT's logger.
+
+None of these has run yet: no machine here could install TensorRT (see the README's GPU section).
 
 Skipped, with the reason, where TensorRT, cuda-python or a CUDA device is missing.
 """
@@ -15,7 +18,8 @@ import pytest
 from zeropur_rt.kernels import cuda as zc
 
 if importlib.util.find_spec("tensorrt") is None:
-    pytest.skip("TensorRT Python bindings not installed (pip install 'zeropur-rt[trt]')", allow_module_level=True)
+    pytest.skip("TensorRT Python bindings not installed (pip install 'zeropur-rt[trt-cu12]' or '[trt-cu13]')",
+                allow_module_level=True)
 _ok, _why = zc.cuda_python_available()
 if not _ok:
     pytest.skip(f"no GPU path: {_why}", allow_module_level=True)
@@ -151,16 +155,102 @@ def test_device_loop_agrees_with_onnxruntime(loops, pur_ort, cifar):
     assert np.max(np.abs(out_dev - out_host)) <= 2 * plain.cfg.eps + 1e-6
 
 
-def test_cuda_graph_replay_equals_plain_run_bit_for_bit(loops, cifar):
+def test_cuda_graph_replay_agrees_with_torch_reference(loops, victim20, cifar):
+    """The replayed loop against the reference, with the CPU parity tests' rule. Two loops are not compared
+    bit for bit: CUDA does not promise that across contexts (split-K, atomics)."""
+    from benchmarks.runtime_parity import free_running
     graph, plain = loops
-    for n in (1, 32):
-        for i, start in enumerate((0, 100, 200)):  # call 1: plain run + capture; calls 2, 3: replays
-            x = cifar[0][start:start + n]
-            a = graph.purify(x)
-            b = plain.purify(x)
-            assert a.view(np.uint32).tobytes() == b.view(np.uint32).tobytes(), f"batch {n} call {i}"
-        assert graph.graph_captured(n), f"no CUDA graph captured at batch {n}"
-        assert not plain.graph_captured(n)
+    x, y = cifar[0][:64], cifar[1][:64]
+    graph.purify(x[:32])  # first call at batch 32: eager run + capture; the ones below replay
+    assert graph.graph_captured(32) and not plain.graph_captured(32)
+    r = free_running(graph, victim20, x, y, batch=32)
+    print(f"\nTensorRT CUDA graph: same prediction {r['same_prediction']:.4f}, same pixels {r['same_pixels']:.4f}")
+    assert r["same_prediction"] >= 63 / 64
+    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
+    for _ in range(2):
+        graph.purify(x[:1])
+    assert graph.graph_captured(1)
+
+
+def test_one_activation_buffer_for_every_context(trt_art20, cifar):
+    """Contexts use the runner's one scratch buffer (USER_MANAGED): 8 contexts (4 graphs x 2 batch sizes)
+    add less device memory than the engines' activation sizes summed once."""
+    with Purifier.load(trt_art20[0], backend="tensorrt", cuda_graph=False) as pur:
+        r = pur.runner
+        assert r.scratch_bytes == max(256, *(e.device_memory_bytes for e in r.engines.values()))
+        free0 = r.cuda.mem_info()[0]
+        pur.purify(cifar[0][:1])
+        pur.purify(cifar[0][:32])
+        used = free0 - r.cuda.mem_info()[0]
+        assert len(r._contexts) == 8
+        assert used < sum(e.device_memory_bytes for e in r.engines.values()), used
+
+
+def test_failed_capture_clears_the_runtime_error_and_runs_eagerly(trt_art20, pur_ort, cifar):
+    from zeropur_rt.cuda_driver import import_runtime
+    rt = import_runtime()
+    x = cifar[0][:8]
+    with Purifier.load(trt_art20[0], backend="tensorrt", cuda_graph=False) as pur:
+        r = pur.runner
+        pur.purify(x)  # contexts and shapes set outside the capture
+        # A runtime-API synchronisation of a capturing stream is illegal: the capture fails and the
+        # runtime's last error is set, as when TensorRT fails inside a capture.
+        with pytest.warns(RuntimeWarning, match="capture of the ZeroPur loop failed"):
+            assert r.capture(lambda: rt.cudaStreamSynchronize(r.stream)) is None
+        assert rt.cudaPeekAtLastError()[0] == rt.cudaError_t.cudaSuccess
+        out, pred = pur.purify_and_classify(x)
+    assert np.mean(pred == pur_ort.purify_and_classify(x)[1]) >= 7 / 8
+
+
+def test_logger_reports_errors_to_later_users(tmp_path):
+    import tensorrt as trt
+    from zeropur_rt.runners.trt_engine import TrtEngine, trt_logger
+    first = trt_logger(trt)
+    trt.Builder(first)  # TensorRT now holds its global logger
+    bad = tmp_path / "gs_grad.sm00.trt0.0.fp32.engine"
+    bad.write_bytes(b"\0" * 4096)
+    logger = trt_logger(trt)
+    assert logger is first
+    with pytest.raises(bt.EngineMismatchError) as ei:
+        TrtEngine(trt, trt.Runtime(logger), logger, bad, "gs_grad", ["x", "x_blur"], ["grad", "loss"])
+    assert "no message" not in str(ei.value)
+
+
+def test_batch1_artifact_builds_and_runs(victim20, cifar, pur_ort, tmp_path):
+    """Issue 16 item 1: a --max-batch 1 export (static shapes) gets engines (profile min = opt = max = 1)."""
+    from zeropur_export.onnx_export import export_artifacts
+    from zeropur_rt.config import preset
+    art = export_artifacts(victim20, preset("cifar10"), tmp_path / "b1", model="resnet20", batch=(1, 1, 1))
+    rec = build_engines(art, precision="fp32")
+    assert rec["batch"] == {"min": 1, "opt": 1, "max": 1}
+    with Purifier.load(art, backend="tensorrt") as pur:
+        assert all(e.batch == {"min": 1, "opt": 1, "max": 1} for e in pur.runner.engines.values())
+        x = cifar[0][:1]
+        assert rel_err(pur.logits(x), pur_ort.logits(x)) < 1e-4
+        for _ in range(2):
+            pur.purify(x)
+        assert pur.graph_captured(1)
+        with pytest.raises(ValueError, match="maximum batch 1"):
+            pur.purify(cifar[0][:2])
+
+
+def test_build_on_the_device_asked_for(trt_art20, tmp_path):
+    """Issue 16 item 9: the device's context stays current during the build."""
+    from zeropur_rt.cuda_driver import CudaDevice
+    probe = CudaDevice(0)
+    count = int(probe._check(probe.drv.cuDeviceGetCount(), "cuDeviceGetCount"))
+    probe.close()
+    if count < 2:
+        pytest.skip("one CUDA device: nothing to tell device 0 and device N apart")
+    art = tmp_path / "copy"
+    shutil.copytree(trt_art20[0], art)
+    last = CudaDevice(count - 1)
+    name, cc = last.name, last.compute_capability
+    last.close()
+    rec = build_engines(art, precision="fp32", device=count - 1, force=True)
+    assert rec["device"] == name and rec["compute_capability"] == f"{cc[0]}.{cc[1]}"
+    with Purifier.load(art, backend="tensorrt", device=f"cuda:{count - 1}") as pur:
+        assert pur.classify(np.zeros((1, 3, 32, 32), np.float32)).shape == (1,)
 
 
 def test_fp16_engines_build_and_roughly_agree(trt_art20, pur_ort, cifar):
@@ -171,6 +261,8 @@ def test_fp16_engines_build_and_roughly_agree(trt_art20, pur_ort, cifar):
     pur16 = Purifier.load(trt_art20[0], backend="tensorrt", device="cuda", precision="fp16",
                           overrides={"gs_steps": 3, "ap_steps": 5})
     assert pur16.runner.precision == "fp16"
+    # issue 16 item 3: the FP16 copy of the graph on a strongly typed network, on TensorRT 10 too
+    assert pur16.runner.record["strongly_typed"] and pur16.runner.record["onnx_fp16"]
     x = cifar[0][:32]
     p16 = pur16.classify(x)
     p32 = pur_ort.classify(x)

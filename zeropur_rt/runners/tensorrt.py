@@ -22,7 +22,7 @@ from zeropur_rt.cuda_driver import CudaDevice, CudaError, parse_device
 from zeropur_rt.engine_record import BUILD_CMD, check_batch, select_engines
 from zeropur_rt.manifest import ArtifactError, Manifest
 from zeropur_rt.runners.base import DeviceBuffer
-from zeropur_rt.runners.trt_engine import TrtEngine, TrtLogger, import_tensorrt
+from zeropur_rt.runners.trt_engine import TrtEngine, import_tensorrt, trt_logger
 
 
 class _Replay:
@@ -62,7 +62,7 @@ class TensorRTRunner:
                                                       precision=precision, graphs=list(manifest.graphs),
                                                       batch=manifest.batch, artifact_dir=self.artifact_dir)
         self.precision = self.record.get("precision", "fp32")
-        self.logger = TrtLogger.make(trt, verbose)
+        self.logger = trt_logger(trt, verbose)
         self.runtime = trt.Runtime(self.logger)
         self.engines: dict[str, TrtEngine] = {}
         for g, spec in manifest.graphs.items():
@@ -73,8 +73,10 @@ class TensorRTRunner:
             self.engines[g] = TrtEngine(trt, self.runtime, self.logger, self.artifact_dir / fname, g,
                                         spec["inputs"], spec["outputs"])
         self.batch = dict(manifest.batch)
-        scratch = max(e.device_memory_bytes for e in self.engines.values())
-        self._scratch = self.cuda.alloc(scratch, "TensorRT activations")
+        # The one activation buffer of the runner: every context (each graph, each batch size) runs
+        # on it, one after the other on one stream. Sized for the largest engine at the profile max.
+        self.scratch_bytes = max(256, *(e.device_memory_bytes for e in self.engines.values()))
+        self._scratch = self.cuda.alloc(self.scratch_bytes, "TensorRT activations")
         self.stream = self.cuda.stream()
         self._contexts: dict[tuple[str, int], Any] = {}
         self._shapes: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
@@ -85,7 +87,7 @@ class TensorRTRunner:
         if key not in self._contexts:
             check_batch(n, self.batch)
             e = self.engines[graph]
-            ctx = e.create_context(self._scratch)
+            ctx = e.create_context(self._scratch, self.scratch_bytes)
             self._shapes[key] = e.set_shapes(ctx, n)
             self._contexts[key] = ctx
         return self._contexts[key]
@@ -162,8 +164,13 @@ class TensorRTRunner:
         if err is not None:
             if graph_exec is not None:
                 self.cuda.destroy_graph(graph_exec)
-            warnings.warn(f"CUDA graph capture of the ZeroPur loop failed ({type(err).__name__}: {err}); "
-                          "running it without a graph", RuntimeWarning, stacklevel=3)
+            # TensorRT runs on the CUDA runtime API, whose last error the failed capture left set on
+            # this thread; uncleared, the next TensorRT call of the eager fallback would fail on it
+            # (trtexec calls cudaGetLastError() after a failed capture for the same reason).
+            stale = self.cuda.clear_runtime_error()
+            warnings.warn(f"CUDA graph capture of the ZeroPur loop failed ({type(err).__name__}: {err}"
+                          f"{'; cleared CUDA runtime error ' + stale if stale else ''}); running it without a graph",
+                          RuntimeWarning, stacklevel=3)
             self.sync()
             return None
         return _Replay(self.cuda, graph_exec, self.stream)

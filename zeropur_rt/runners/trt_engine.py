@@ -2,12 +2,17 @@
 
 API used (TensorRT Python API 10.x and 11.x): IRuntime.deserialize_cuda_engine, name-based I/O
 (num_io_tensors / get_tensor_name / get_tensor_mode), IExecutionContext.set_input_shape /
-set_tensor_address / execute_async_v3, ExecutionContextAllocationStrategy.USER_MANAGED.
+set_tensor_address / execute_async_v3, ExecutionContextAllocationStrategy.USER_MANAGED with
+IExecutionContext.set_device_memory (10.1+; the device_memory property on 10.0),
+ICudaEngine.device_memory_size_v2 (10.1+, the only one on 11.x), ILogger (one per process).
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Engine.html
   https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Logger.html
 """
 from __future__ import annotations
 
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,33 +29,90 @@ def import_tensorrt() -> Any:
         import tensorrt as trt
     except ImportError as e:
         raise ImportError("backend 'tensorrt' needs the TensorRT (>= 10) Python bindings, which are not importable "
-                          f"({e}): on x86-64 `pip install 'zeropur-rt[trt]'` (tensorrt + cuda-python); on Jetson use "
-                          "JetPack's TensorRT in a venv made with --system-site-packages (docs/jetson.md)") from e
+                          f"({e}): on x86-64 `pip install 'zeropur-rt[trt-cu12]'` (NVIDIA driver >= R535) or "
+                          "'zeropur-rt[trt-cu13]' (driver >= R580); on Jetson use JetPack 6's TensorRT in a venv made "
+                          "with --system-site-packages (docs/jetson.md)") from e
     major = parse_trt_version(trt.__version__)[0]
     if major < MIN_TRT_MAJOR:
         raise ImportError(f"TensorRT {trt.__version__} is too old: zeropur-rt needs TensorRT >= {MIN_TRT_MAJOR}")
     return trt
 
 
-class TrtLogger:
-    """A trt.ILogger that keeps errors for the exception message (and prints warnings if verbose)."""
+class ErrorLog:
+    """The last error messages of TensorRT's logger, numbered, so each caller reads only its own.
 
-    @staticmethod
-    def make(trt: Any, verbose: bool) -> Any:
-        class Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
+    Thread safe: TensorRT may log from any thread and requires the logger to lock for itself.
+    """
 
-            def log(self, severity: Any, msg: str) -> None:
-                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                    self.errors.append(msg)
-                    if len(self.errors) > 20:
-                        del self.errors[0]
-                if verbose or severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                    print(f"[TensorRT] {msg}")
+    def __init__(self, keep: int = 64):
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._msgs: deque[tuple[int, str]] = deque(maxlen=keep)
 
-        return Logger()
+    def add(self, msg: str) -> None:
+        with self._lock:
+            self._seq += 1
+            self._msgs.append((self._seq, str(msg)))
+
+    def mark(self) -> int:
+        """A position; ``since(mark)`` returns the errors logged after it."""
+        with self._lock:
+            return self._seq
+
+    def since(self, mark: int) -> list[str]:
+        with self._lock:
+            return [m for s, m in self._msgs if s > mark]
+
+
+_LOGGER: Any = None
+_LOGGER_LOCK = threading.Lock()
+
+
+def trt_logger(trt: Any, verbose: bool = False) -> Any:
+    """TensorRT's one logger for this process: every Builder, Runtime and parser gets this instance.
+
+    TensorRT keeps the first logger it is handed as its global one (``getLogger()``, and the
+    messages not tied to one object go there); a second logger would see none of them and its
+    error list would stay empty. So there is one, and each caller reads its own errors with
+    ``logger.errors.mark()`` / ``logger.errors.since(mark)``. ``verbose`` (print warnings and
+    info) follows the latest caller; errors are always printed.
+    """
+    global _LOGGER
+    with _LOGGER_LOCK:
+        if _LOGGER is None:
+            _LOGGER = _make_logger(trt)
+        _LOGGER.verbose = bool(verbose)
+        return _LOGGER
+
+
+def _make_logger(trt: Any) -> Any:
+    severity = trt.ILogger.Severity
+    errors = (severity.INTERNAL_ERROR, severity.ERROR)
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors = ErrorLog()
+            self.verbose = False
+
+        def log(self, sev: Any, msg: str) -> None:
+            if sev in errors:
+                self.errors.add(msg)
+            if self.verbose or sev in errors:
+                print(f"[TensorRT] {msg}", flush=True)
+
+    return Logger()
+
+
+def engine_device_memory(engine: Any) -> int:
+    """Activation bytes an execution context of ``engine`` needs.
+
+    ``device_memory_size_v2`` (TensorRT >= 10.1, the only one in 11.x) when the binding has it,
+    else ``device_memory_size`` (10.0). A v2 of 0 is an answer (an engine without activation
+    memory), not a missing attribute: falling back on 0 would read an attribute 11.x removed.
+    """
+    v2 = getattr(engine, "device_memory_size_v2", None)
+    return int(v2) if v2 is not None else int(engine.device_memory_size)
 
 
 class TrtEngine:
@@ -60,10 +122,11 @@ class TrtEngine:
                  outputs: Sequence[str]):
         self.trt, self.graph, self.path = trt, graph, path
         data = path.read_bytes()
+        mark = logger.errors.mark()
         # IRuntime.deserialize_cuda_engine(serialized_engine) -> ICudaEngine | None
         self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            errs = "; ".join(getattr(logger, "errors", [])[-3:])
+            errs = "; ".join(logger.errors.since(mark)[-3:])
             raise EngineMismatchError(f"TensorRT could not deserialise {path.name} ({errs or 'no message'}): it was built "
                                       f"by another TensorRT version or for another GPU; rebuild it with "
                                       f"`{BUILD_CMD.format(dir=path.parent)}`")
@@ -82,30 +145,34 @@ class TrtEngine:
             if dt != trt.DataType.FLOAT:
                 raise EngineMismatchError(f"{path.name}: tensor {n!r} is {dt}, the runtime exchanges float32 only; rebuild")
             self.dims[n] = tuple(int(d) for d in e.get_tensor_shape(n))
-        # Profile 0's (min, opt, max) shape of the first input: the batch range the engine accepts.
-        lo, _opt, hi = e.get_tensor_profile_shape(self.inputs[0], 0)
-        self.batch = {"min": int(lo[0]), "opt": int(_opt[0]), "max": int(hi[0])}
-        self.device_memory_bytes = int(getattr(e, "device_memory_size_v2", 0) or getattr(e, "device_memory_size", 0))
+        # The batch range the engine accepts: a fixed batch (a --max-batch 1 export) is its own
+        # range; a dynamic one is profile 0's (min, opt, max) of the first input.
+        fixed = self.dims[self.inputs[0]][0]
+        if fixed >= 0:
+            self.batch = {"min": fixed, "opt": fixed, "max": fixed}
+        else:
+            lo, opt, hi = e.get_tensor_profile_shape(self.inputs[0], 0)
+            self.batch = {"min": int(lo[0]), "opt": int(opt[0]), "max": int(hi[0])}
+        self.device_memory_bytes = engine_device_memory(e)
 
     def input_shape(self, name: str, n: int) -> tuple[int, ...]:
         d = self.dims[name]
         return (n, *d[1:])
 
-    def create_context(self, scratch: int | None = None) -> Any:
-        """An execution context; with ``scratch`` (device pointer of >= device_memory_bytes) its activation
-        memory is that buffer (ExecutionContextAllocationStrategy.USER_MANAGED, TensorRT >= 10.0)."""
-        trt, e = self.trt, self.engine
-        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
-        if scratch is not None and strategy is not None:
-            ctx = e.create_execution_context(strategy.USER_MANAGED)
-            if ctx is not None:
-                # set_device_memory(memory, size): TensorRT >= 10.1; 10.0 has the device_memory property.
-                try:
-                    ctx.set_device_memory(int(scratch), self.device_memory_bytes)
-                except (AttributeError, TypeError):
-                    ctx.device_memory = int(scratch)
-        else:
-            ctx = e.create_execution_context()
+    def create_context(self, scratch: int, scratch_bytes: int) -> Any:
+        """An execution context whose activation memory is the caller's ``scratch`` buffer
+        (ExecutionContextAllocationStrategy.USER_MANAGED, TensorRT >= 10.0): TensorRT allocates none
+        of its own, so every context of every engine shares the runner's one scratch buffer."""
+        if scratch_bytes < self.device_memory_bytes:
+            raise DeviceMemoryError(f"{self.path.name} needs {self.device_memory_bytes} B of activation memory, the "
+                                    f"shared scratch buffer has {scratch_bytes} B")
+        ctx = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if ctx is not None:
+            # set_device_memory(memory, size): TensorRT >= 10.1 (11.x); 10.0 has the device_memory property.
+            try:
+                ctx.set_device_memory(int(scratch), int(scratch_bytes))
+            except (AttributeError, TypeError):
+                ctx.device_memory = int(scratch)
         if ctx is None:
             raise DeviceMemoryError(f"TensorRT could not create an execution context for {self.path.name} (out of GPU "
                                     "memory?): use a smaller batch profile (rebuild with a smaller --max-batch) or free "

@@ -115,7 +115,7 @@ def calibrate(victim: Victim, x: Any, y: Any, *, max_clean_drop: float = 3.0, mi
         search=dict(stage_n=stage_n, **grid.to_report()), configs_tried=len(rows),
         wall_seconds=time.perf_counter() - t_start, attack_seconds=info["attack_seconds"],
         attack_cached=info["attack_cached"], notes=notes, chosen=None, message="", configs=rows,
-        paper=next((r for r in rows if r["config"] == paper_config().to_dict()), None))
+        paper=next((r for r in rows if r["config"] == paper_config(victim.spec.input_shape).to_dict()), None))
     if chosen is not None:
         rep["chosen"] = next(r for r in rows if r["chosen"])
         rep["message"] = f"chosen: {cfg_label(chosen.cfg)}"

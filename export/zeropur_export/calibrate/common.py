@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from zeropur_rt.config import ZeroPurConfig, preset
+from zeropur_rt.config import ZeroPurConfig, preset_for_shape
 from zeropur_rt.cuda_driver import parse_device
 
 # The evaluation slice of the CIFAR-10 test copy: a calibration that overlaps it inflates the reported accuracy.
@@ -21,8 +21,9 @@ class CalibError(ValueError):
     """Bad input: the CLI prints it as one clear message and exits 2."""
 
 
-def paper_config() -> ZeroPurConfig:
-    return preset("cifar10")
+def paper_config(input_shape: tuple[int, ...] = (3, 32, 32)) -> ZeroPurConfig:
+    """The released code's recipe for a victim of ``input_shape`` (its preset at that resolution)."""
+    return preset_for_shape(input_shape)
 
 
 def cfg_key(cfg: ZeroPurConfig) -> str:

@@ -105,10 +105,34 @@ def load_model(model: str, weights: str | None) -> tuple[Any, str, str]:
     return victim, str(wpath), sha256_file(wpath)
 
 
-def load_config(spec: str) -> tuple[str, ZeroPurConfig, tuple[int, int] | None]:
+def resolve(args: Any) -> Any:
+    """The --victim flags as a ``victim_cli.ResolvedVictim``; every problem a CalibError."""
+    from zeropur_export.victim_cli import resolve_victim
+    try:
+        return resolve_victim(args, weights=args.weights)
+    except ValueError as e:  # VictimError, and weights that do not fit
+        raise CalibError(str(e)) from None
+
+
+def load_victim_data(path: str, victim: Any, resize: str) -> tuple[np.ndarray, np.ndarray, str, dict[str, Any]]:
+    """(float NCHW images, labels, the path, the split) of a user's labelled data at the victim's input shape.
+
+    The rows are dealt out class by class (``stratified_order``) so that every slice and every prefix the
+    search takes is about class-balanced; the first half of that order is the evaluation slice."""
+    from zeropur_export.build import victim_data
+    try:
+        ds, split = victim_data(path, victim, resize, labels=True)
+    except ValueError as e:  # DataError
+        raise CalibError(str(e)) from None
+    if len(ds) < 2:
+        raise CalibError(f"{path}: {len(ds)} image(s); calibration needs an evaluation half and a calibration half")
+    return ds.x, ds.y, str(path), split
+
+
+def load_config(spec: str, input_shape: tuple[int, ...] = (3, 32, 32)) -> tuple[str, ZeroPurConfig, tuple[int, int] | None]:
     """(name, config, calibration rows or None) from 'paper' or a JSON file (sibling report.json gives the rows)."""
     if spec == "paper":
-        return "paper recipe", paper_config(), None
+        return "paper recipe", paper_config(input_shape), None
     p = Path(spec)
     if not p.is_file():
         raise CalibError(f"--config {spec!r}: not 'paper' and no such file")

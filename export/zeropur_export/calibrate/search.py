@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from zeropur_rt.config import preset
+from zeropur_rt.config import preset_for_shape, resolution_scale
 
 from .common import CalibError, cfg_label, paper_config
 from .evaluator import Evaluator, Record
@@ -84,13 +84,29 @@ class Grid:
         return d
 
 
+# Named budgets: (grid, stage image counts). ``full`` is the search the README's zoo recipes came from;
+# ``quick`` is sized for a first deployment: under 10 minutes on 2 CPU cores for a CIFAR-size ResNet
+# (measured in the README), at the price of a coarser grid and fewer final images.
+BUDGETS: dict[str, tuple[Grid, tuple[int, int, int]]] = {
+    "full": (Grid(), (64, 192, 1000)),
+    "quick": (Grid(sigma=(0.5, 0.7, 1.0), eps_255=(6, 8), gs_steps=(5,), gs_step_255=(1,), ap_steps=(10,),
+                   ila=((False, 1e-4), (False, 5e-5), (False, 2e-5), (True, 0.003), (True, 0.01)), ap_parents=3,
+                   refine_ap_steps=(50,), refine_top=2, keep=3, final=2, include_paper=False), (64, 160, 400)),
+}
+NEXT_KNOB = {"quick": "--budget full (a wider grid and 1000 final images)",
+             "full": "--max-clean-drop (a larger clean budget), or a wider grid (--grid-ila weights between the ones "
+                     "that do nothing and the ones that wreck clean accuracy; more --refine-ap-steps)"}
+
+
 def _noise(n: int) -> float:
     """One binomial std of an accuracy (points) measured on n images: the scale of small-n noise."""
     return 100 * math.sqrt(0.25 / max(n, 1))
 
 
 def rank(ev: HasStats, recs: list, budget: float, slack_scale: float, extra_slack: float = 0.0) -> list:
-    """Best first: inside the (relaxed) clean budget by robust accuracy, then the rest by smallest overshoot.
+    """Best first: inside the (relaxed) clean budget by robust accuracy, then the rest by smallest overshoot;
+    configs that gain no robust accuracy over no purification (an expensive identity) come last, so that
+    they neither take the refinement nor the final places.
 
     The relaxation is slack_scale binomial stds, so that small-n noise does not drop good configs early;
     the final choice uses slack 0.
@@ -99,9 +115,10 @@ def rank(ev: HasStats, recs: list, budget: float, slack_scale: float, extra_slac
         s = ev.stats(r)
         slack = slack_scale * _noise(r.n) + extra_slack
         over = (s["clean"] - budget) - s["clean_purified"]
-        inside = over <= slack + 1e-9
+        gains = s["pgd_purified"] > s["pgd"] + 1e-9
+        inside = gains and over <= slack + 1e-9
         cost = r.cfg.gs_steps + r.cfg.ap_steps
-        return (inside, s["pgd_purified"] if inside else -over, s["clean_purified"], -cost)
+        return (gains, inside, s["pgd_purified"] if inside else -over, s["clean_purified"], -cost)
     return sorted(recs, key=key, reverse=True)
 
 
@@ -151,7 +168,10 @@ def run_search(ev: Evaluator, grid: Grid, stage_n: Sequence[int], max_clean_drop
     budget = max_clean_drop
     notes = []
 
-    gs_cfgs = [preset("cifar10", blur_sigma=s, eps=e / 255, gs_steps=g, gs_step=st / 255, ap_steps=0)
+    # the grid's sigmas are at the victim's preset's own side; other resolutions scale them by the one rule
+    shape = tuple(ev.victim.spec.input_shape)
+    scale = resolution_scale(shape, paper_config(shape).preset)
+    gs_cfgs = [preset_for_shape(shape, blur_sigma=s * scale, eps=e / 255, gs_steps=g, gs_step=st / 255, ap_steps=0)
                for s in grid.sigma for e in grid.eps_255 for st in grid.gs_step_255 for g in grid.gs_steps]
     recs1 = ev.evaluate(gs_cfgs, n1, "1-gs")
     ranked1 = rank(ev, recs1, budget, grid.slack)
@@ -164,7 +184,7 @@ def run_search(ev: Evaluator, grid: Grid, stage_n: Sequence[int], max_clean_drop
     ap_cfgs = [p.cfg.replace(ap_steps=a, ila_weight=w, ila_normalized=normed)
                for p in parents for a in grid.ap_steps for normed, w in grid.ila]
     if grid.include_paper:
-        ap_cfgs.append(paper_config())
+        ap_cfgs.append(paper_config(shape))
     recs2 = ev.evaluate(ap_cfgs, n1, "2-ap") if ap_cfgs else []
     ranked2 = rank(ev, recs2, budget, grid.slack)
     if recs2:
