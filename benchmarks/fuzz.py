@@ -50,6 +50,7 @@ def run_surface(name: str, ctx: surfaces.Context, examples: int, seed: int, prog
             counts[kind] += 1
             if len(crashes) < 20:
                 crashes.append({"kind": kind, "error": str(e)[:2000], "input": repr(case)[:2000]})
+                print(f"  {name}: {kind}: {str(e)[:2000]}\n  input: {repr(case)[:2000]}", flush=True)
         n = sum(counts.values())
         if n % progress_every == 0:
             print(f"  {name}: {n} inputs, {time.perf_counter() - t0:.0f} s, {dict(counts)}", flush=True)

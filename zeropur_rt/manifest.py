@@ -142,7 +142,9 @@ def _from_dict(d: Path, raw: dict[str, Any]) -> Manifest:
     _check_graphs(raw["graphs"], files)
     _check_engines(raw.get("engines", {}), files)
     m = Manifest(**{**raw, "input_shape": shape, "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
-    m.zeropur_config  # noqa: B018 - validates the config (ConfigError)
+    if m.zeropur_config.ap_steps > 0 and "ap_grad" not in m.graphs:  # also validates the config (ConfigError)
+        raise ValueError(f"config asks for {m.zeropur_config.ap_steps} Adaptive Projection steps, but the artifact has "
+                         "no ap_setup/ap_grad graphs (a Guided-Shift-only export has ap_steps 0)")
     return m
 
 

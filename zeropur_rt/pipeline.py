@@ -24,7 +24,7 @@ import numpy as np
 import zeropur_rt.schedule as schedule
 from zeropur_rt.config import ZeroPurConfig, apply_overrides
 from zeropur_rt.engine_record import check_batch
-from zeropur_rt.errors import InputError, ZeroPurError
+from zeropur_rt.errors import ConfigError, InputError, ZeroPurError
 from zeropur_rt.manifest import Manifest, load_manifest
 from zeropur_rt.schedule import LoopBuffers, StageTimes
 from zeropur_rt.validate import check_images
@@ -82,7 +82,7 @@ class Purifier:
                  batch: Mapping[str, int], has_ap: bool, manifest: Manifest | None = None, cuda_graph: bool = True,
                  max_cached_batches: int = 4):
         if cfg.ap_steps > 0 and not has_ap:
-            raise ValueError("this victim has no Adaptive Projection graphs (Guided Shift only): use ap_steps=0")
+            raise ConfigError("this victim has no Adaptive Projection graphs (Guided Shift only): use ap_steps=0")
         self.runner, self.kernels, self.cfg, self.manifest = runner, kernels, cfg, manifest
         self.chw = tuple(int(v) for v in input_shape)
         self.batch = {k: int(v) for k, v in batch.items()}

@@ -10,6 +10,20 @@ from hypothesis import HealthCheck, given, settings
 
 import surfaces
 
+
+# Here rather than in a conftest.py: a second conftest.py would shadow tests/conftest.py as the module
+# `conftest` that other tests import from.
+@pytest.fixture(scope="session")
+def fuzz_ctx(tmp_path_factory):
+    """The tiny victim exported once per session, a purifier over it, a scratch folder."""
+    pytest.importorskip("torch")
+    import tiny_artifact
+    art = tiny_artifact.shared_tiny(tmp_path_factory.mktemp("tiny"))
+    ctx = surfaces.Context.make(art, tmp_path_factory.mktemp("scratch"))
+    yield ctx
+    ctx.purifier.close()
+
+
 SHORT = settings(max_examples=25, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                         HealthCheck.data_too_large])
@@ -65,6 +79,22 @@ def test_manifest_that_disagrees_with_its_graphs(fuzz_ctx, tmp_path, field, valu
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="the manifest says"):
         Purifier.load(d, threads=1)
+
+
+def test_manifest_without_ap_graphs_but_ap_steps(fuzz_ctx, tmp_path):
+    """Found by the post-fix long run: ap_setup/ap_grad dropped from a manifest whose config still has AP steps
+    loaded, then Purifier's bare ValueError. Now load_manifest refuses it."""
+    import shutil
+
+    from zeropur_rt.errors import ArtifactError
+    from zeropur_rt.manifest import load_manifest
+    d = tmp_path / "art"
+    shutil.copytree(fuzz_ctx.artifact, d)
+    m = json.loads((d / "manifest.json").read_text())
+    del m["graphs"]["ap_setup"], m["graphs"]["ap_grad"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="no ap_setup/ap_grad graphs"):
+        load_manifest(d)
 
 
 @pytest.mark.parametrize("pairs", [
