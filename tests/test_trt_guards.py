@@ -189,7 +189,10 @@ def _write_manifest(d: Path, files: dict[str, str], batch: dict, input_shape=(3,
     from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, graph_io
 
     graphs = {g: dict(zip(("inputs", "outputs"), graph_io(g, 0)), file=f) for g, f in files.items()}
-    m = Manifest(format_version=FORMAT_VERSION, model="tiny", weights_sha256=None, taps={}, config=preset("cifar10").to_dict(),
+    cfg = preset("cifar10")
+    if "ap_grad" not in files:  # a Guided-Shift-only export records ap_steps 0
+        cfg = cfg.replace(ap_steps=0)
+    m = Manifest(format_version=FORMAT_VERSION, model="tiny", weights_sha256=None, taps={}, config=cfg.to_dict(),
                  input_shape=tuple(input_shape), mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10, batch=dict(batch),
                  opset=18, tools={}, graphs=graphs, files={f: sha256_file(d / f) for f in files.values()})
     atomic_write_json(d / MANIFEST, m.to_dict())
