@@ -58,6 +58,12 @@ class ZeroPurConfig:
         for name in ("blur_sigma", "ila_weight", "lpips_weight", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config.{name} must be >= 0, got {getattr(self, name)}")
+        try:  # the kernels' own rule: a sigma whose box filter overflows their integer weights is no blur
+            from zeropur_rt.kernels.numpy_twin import blur_weights
+            blur_weights(float(self.blur_sigma))
+        except ValueError:
+            raise ConfigError(f"config.blur_sigma {self.blur_sigma!r} is beyond what the blur kernels take "
+                              "(its box filter overflows their integer weights)") from None
         for name in ("gs_steps", "ap_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -106,11 +106,13 @@ def test_set_grammar_regressions(fuzz_ctx, pairs):
     assert surfaces.check_sets(fuzz_ctx, pairs) == "refused:ConfigError"
 
 
-@pytest.mark.parametrize("obj", [{"gs_step": 2.0496557786404187e+219}, {"eps": 10**400}, {"gs_steps": True}, {"l1_scope": ["sample"]}, {"preset": 3},
+@pytest.mark.parametrize("obj", [{"gs_step": 2.0496557786404187e+219}, {"blur_sigma": 3.013269463522319e+16},
+                                 {"eps": 10**400}, {"gs_steps": True}, {"l1_scope": ["sample"]}, {"preset": 3},
                                  {"ila_normalized": "yes"}, [], {"eps": float("nan")}])
 def test_config_json_regressions(fuzz_ctx, obj):
     # gs_step=2e219 (finite in float64, not in float32) reached the kernels' own ValueError at the first step;
     # eps=10**400 raised OverflowError (math.isfinite of a huge int); the others passed unchecked or crashed later
+    # blur_sigma=3e16 (found in a manifest's config) overflowed the blur kernels' integer weights at the first step
     assert surfaces.check_config_json(fuzz_ctx, json.dumps(obj).encode()) == "refused:ConfigError"
     assert surfaces.check_config_json(fuzz_ctx, b"[" * 100000) == "refused:ConfigError"
 
