@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("art")
 torch = pytest.importorskip("torch")
 
-from zeropur_export import evaluate  # noqa: E402
+from zeropur_export import attack_suite  # noqa: E402
+from zeropur_export.attack_suite import ADAPTIVE, ATTACKS, WORST  # noqa: E402
 from zeropur_export.cli import main  # noqa: E402
 
 FAST = ["--set", "gs_steps=1", "ap_steps=1", "--quiet", "--threads", "2"]
@@ -54,18 +55,24 @@ def test_preprocessor_is_purify_forward_identity_backward(pur20, victim20, cifar
         ZeroPurPreprocessor(pur20, batch_size=pur20.max_batch + 1)
 
 
-def test_eval_end_to_end_every_attack(art20, victim20, cifar, tmp_path, capsys):
+def _eval(art20, out, *extra):
+    return main(["eval", "--models", "resnet20", "--artifacts", str(art20), "--rows", "0:12", "--batch", "8",
+                 "--pgd-steps", "3", "--apgd-iter", "3", "--apgd-targets", "2", "--adaptive-iter", "2",
+                 "--bpda-steps", "2", "--adaptive-n", "6", "--trajectory-points", "3", "--seed", "3",
+                 "--out", str(out), *FAST, *extra])
+
+
+def test_eval_end_to_end_every_attack_resumable(art20, victim20, cifar, tmp_path, capsys):
+    """Every attack of the set on a tiny setting (so none can rot), the worst-case rule, and resuming."""
     out = tmp_path / "ev"
-    rc = main(["eval", "--models", "resnet20", "--artifacts", str(art20), "--rows", "0:12", "--batch", "8",
-                        "--pgd-steps", "3", "--apgd-iter", "3", "--bpda-steps", "2", "--bpda-n", "6", "--seed", "3",
-                        "--out", str(out), *FAST])
-    assert rc == 0, capsys.readouterr().err
+    assert _eval(art20, out) == 0, capsys.readouterr().err
     res = json.loads((out / "eval.json").read_text())
     md = (out / "eval.md").read_text()
     rows = {r["attack"]: r for r in res["attacks"]}
-    assert set(rows) == {"pgd", "apgd-ce", "apgd-dlr", "bpda", evaluate.WORST}
+    assert set(ATTACKS) < set(rows) and WORST in rows
     for name in rows:
-        assert f"| {name} |" in md
+        assert f"| {name} |" in md or f"| **{name}** |" in md
+    assert md.index(WORST) < md.index("| pgd |")          # the worst case comes first
     assert res["n"] == 12 and res["rows"] == [0, 12] and res["seed"] == 3
     assert res["purifier_config"]["gs_steps"] == 1 and res["purifier_config"]["ap_steps"] == 1
     clean = res["clean"]
@@ -74,19 +81,40 @@ def test_eval_end_to_end_every_attack(art20, victim20, cifar, tmp_path, capsys):
     with torch.no_grad():
         ref = victim20(torch.from_numpy(cifar[0][:12])).argmax(1).numpy() == y
     assert clean["correct"] == "".join("1" if c else "0" for c in ref) and clean["acc"] > 50
-    for name, r in rows.items():
-        assert r["seed"] == 3 and r["attack_s"] > 0
-        assert r["linf"] <= 8 / 255 + 1e-5
-        assert len(r["correct"]) == r["n"] == (6 if name == "bpda" else 12)
+    for name in ATTACKS:
+        r = rows[name]
+        assert r["attack_s"] > 0 and r["linf"] <= 8 / 255 + 1e-5 and r["chunks_resumed"] == 0
+        assert len(r["correct"]) == r["n"] == (6 if name in ADAPTIVE else 12)
         assert r["robust_acc"] == pytest.approx(100 * r["correct"].count("1") / r["n"])
-    # A few PGD steps on the bare ResNet-20 must hurt it.
-    assert rows["pgd"]["robust_acc"] < clean["acc"]
-    assert rows["apgd-ce"]["robust_acc"] < clean["acc"]
-    # Worst case over the APGD pair: robust only if robust against both.
-    w = rows[evaluate.WORST]
-    for key in ("robust_acc", "robust_acc_purified"):
-        assert w[key] <= min(rows["apgd-ce"][key], rows["apgd-dlr"][key])
-    assert rows["bpda"]["purifications_during_attack"] >= 6 * 2   # one purification per BPDA step
+    assert rows["apgd-t"]["candidates"] == 2
+    # A few steps on the bare ResNet-20 must hurt it.
+    for name in ("pgd", "pgd-first", "apgd-ce"):
+        assert rows[name]["robust_acc"] < clean["acc"]
+    # Worst case per image: robust only if robust against every attack (on the images all of them covered).
+    w = rows[WORST]
+    assert w["n"] == 6
+    for i in range(6):
+        assert (w["correct_purified"][i] == "1") == all(rows[a]["correct_purified"][i] == "1" for a in ATTACKS)
+
+    # The same command again reads every chunk back (nothing recomputed) and reports the same figures.
+    assert _eval(art20, out) == 0
+    again = {r["attack"]: r for r in json.loads((out / "eval.json").read_text())["attacks"]}
+    for name in ATTACKS:
+        assert again[name]["chunks_resumed"] == again[name]["chunks"] >= 1
+        assert again[name]["correct_purified"] == rows[name]["correct_purified"]
+    # A half-finished run (one chunk file lost) recomputes that chunk alone, seeded as before: same images.
+    lost = sorted((out / "state" / "apgd-ce").glob("*.json"))[-1]
+    lost.unlink()
+    assert _eval(art20, out, "--attacks", "apgd-ce") == 0
+    r = json.loads((out / "eval.json").read_text())["attacks"][0]
+    assert r["chunks_resumed"] == r["chunks"] - 1 and r["correct"] == rows["apgd-ce"]["correct"]
+    capsys.readouterr()
+    # Other settings on the same state are refused, --fresh starts over.
+    assert _eval(art20, out, "--eps", "4") == 2
+    assert "other settings (eps differ)" in capsys.readouterr().err
+    assert _eval(art20, out, "--attacks", "pgd", "--pgd-steps", "4") == 2
+    assert "other pgd settings" in capsys.readouterr().err
+    assert _eval(art20, out, "--attacks", "pgd", "--eps", "4", "--fresh") == 0
 
 
 def _bad(tmp_path, *extra):
@@ -116,9 +144,9 @@ def test_batch_too_big_for_artifact(art20, tmp_path, capsys):
 
 
 def test_no_partial_json_on_error(art20, tmp_path, capsys, monkeypatch):
-    def boom(self, name):
+    def boom(self, name, x, y, seed):
         raise RuntimeError("attack exploded")
-    monkeypatch.setattr(evaluate.Evaluator, "make_attack", boom)
+    monkeypatch.setattr(attack_suite.Crafter, "craft", boom)
     rc, out = _bad(tmp_path, "--artifacts", str(art20), "--attacks", "pgd")
     assert rc == 2 and "attack exploded" in capsys.readouterr().err
     assert not (out / "eval.json").exists()

@@ -47,10 +47,12 @@ def blur_torch(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- losses (traced by the exporter)
-def gs_loss(victim: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> torch.Tensor:
-    """Guided Shift loss: -mean cos(E(x), E(blur(x))), the blurred branch detached."""
+def gs_loss(victim: Victim, x: torch.Tensor, x_blur: torch.Tensor, blur_graph: bool = False) -> torch.Tensor:
+    """Guided Shift loss: -mean cos(E(x), E(blur(x))), the blurred branch a constant of the step.
+    ``blur_graph`` keeps that branch's graph (same value and same gradient in x) for an attacker who
+    differentiates the step itself (``zeropur_export.adaptive``)."""
     e = victim.embed(x)
-    with torch.no_grad():
+    with torch.set_grad_enabled(blur_graph and torch.is_grad_enabled()):
         eb = victim.embed(x_blur)
     return -cosine(e, eb).mean()
 
@@ -154,22 +156,28 @@ def ap_loss_recompute(victim: Victim, fine: torch.Tensor, x_in: torch.Tensor, co
 
 
 # ---------------------------------------------------------------- updates (torch twins of the kernels)
+Sign = Callable[[torch.Tensor], torch.Tensor]
+
+
 def gs_update(x: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, x_in: torch.Tensor,
-              cfg: ZeroPurConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1-normalise (per sample, or over the batch), momentum, sign step, eps-ball clip, [0,1] clamp."""
+              cfg: ZeroPurConfig, sign: Sign = torch.sign) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1-normalise (per sample, or over the batch), momentum, sign step, eps-ball clip, [0,1] clamp.
+    ``sign`` is swapped only by the unrolled attack (``zeropur_export.adaptive``), for a straight-through one."""
     a = grad.abs()
     l1 = a.flatten(1).sum(1).view(-1, 1, 1, 1) if cfg.l1_scope == "sample" else a.sum().view(1, 1, 1, 1)
     g = torch.where(l1 > 0, grad / torch.where(l1 > 0, l1, torch.ones_like(l1)), torch.zeros_like(grad))
     m = g + cfg.momentum * m
-    return _step_and_clip(x, m, x_in, cfg.eps, cfg.gs_step), m
+    return _step_and_clip(x, m, x_in, cfg.eps, cfg.gs_step, sign), m
 
 
-def ap_update(x: torch.Tensor, grad: torch.Tensor, x_in: torch.Tensor, cfg: ZeroPurConfig) -> torch.Tensor:
-    return _step_and_clip(x, grad, x_in, cfg.eps, cfg.ap_step)
+def ap_update(x: torch.Tensor, grad: torch.Tensor, x_in: torch.Tensor, cfg: ZeroPurConfig,
+              sign: Sign = torch.sign) -> torch.Tensor:
+    return _step_and_clip(x, grad, x_in, cfg.eps, cfg.ap_step, sign)
 
 
-def _step_and_clip(x: torch.Tensor, direction: torch.Tensor, x_in: torch.Tensor, eps: float, step: float) -> torch.Tensor:
-    x = x - step * torch.sign(direction)
+def _step_and_clip(x: torch.Tensor, direction: torch.Tensor, x_in: torch.Tensor, eps: float, step: float,
+                   sign: Sign = torch.sign) -> torch.Tensor:
+    x = x - step * sign(direction)
     x = torch.minimum(torch.maximum(x, x_in - eps), x_in + eps)
     return x.clamp(0.0, 1.0)
 
