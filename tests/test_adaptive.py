@@ -55,7 +55,7 @@ def test_unrolled_loop_is_the_reference_and_its_backward_the_one_graph_chain_rul
 def test_bpda_model_is_victim_at_purified_image_and_matches_art_preprocessor(pur_tiny, victim20, cifar):
     from zeropur_export.art_preprocessor import bpda_classifier
     x, y = cifar[0][:4], cifar[1][:4]
-    m = adaptive.BPDAModel(victim20, pur_tiny)
+    m = adaptive.BPDAModel(victim20, pur_tiny.purify)
     xp = pur_tiny.purify(x)
     with torch.no_grad():
         np.testing.assert_array_equal(m(torch.from_numpy(x)).numpy(), victim20(torch.from_numpy(xp)).numpy())
@@ -87,7 +87,7 @@ def test_trajectory_model_averages_the_victim_over_the_iterates(pur_tiny, victim
                     for z, z_in in ((victim20(t), t) for t in (torch.from_numpy(p).requires_grad_(True) for p in path))], 0)
     np.testing.assert_allclose(_loss_grad(m, x, y), want, rtol=1e-4, atol=1e-7)
     one = adaptive.TrajectoryBPDAModel(victim20, pur_tiny, points=1)
-    np.testing.assert_allclose(_loss_grad(one, x, y), _loss_grad(adaptive.BPDAModel(victim20, pur_tiny), x, y),
+    np.testing.assert_allclose(_loss_grad(one, x, y), _loss_grad(adaptive.BPDAModel(victim20, pur_tiny.purify), x, y),
                                rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="points must be >= 1"):
         adaptive.TrajectoryBPDAModel(victim20, pur_tiny, points=0)

@@ -23,7 +23,7 @@ transformation), for a randomised purifier; ZeroPur as shipped is deterministic,
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -107,15 +107,16 @@ class _Purified(nn.Module):
 
 
 class BPDAModel(_Purified):
-    """victim(purify(x)), backward through the purifier = identity. ``purifier``: a ``zeropur_rt.Purifier``."""
+    """victim(purify(x)), backward through the purifier = identity. ``purify``: float32 NCHW numpy in and out,
+    e.g. a ``zeropur_rt.Purifier``'s ``purify``."""
 
-    def __init__(self, victim: Victim, purifier: Any, eot: int = 1):
+    def __init__(self, victim: Victim, purify: Callable[[np.ndarray], np.ndarray], eot: int = 1):
         super().__init__(victim, eot)
-        self.purifier = purifier
-        self.memo = _LastPurification(purifier.purify)
+        self.purify = purify
+        self.memo = _LastPurification(purify)
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        p = torch.from_numpy(self.memo(_host(x)) if self.eot == 1 else self.purifier.purify(_host(x)))
+        p = torch.from_numpy(self.memo(_host(x)) if self.eot == 1 else self.purify(_host(x)))
         return self.victim(substitute(x, p.to(x.device)))
 
 

@@ -60,6 +60,13 @@ def unbits(s: str) -> np.ndarray:
     return np.frombuffer(s.encode(), np.uint8) == ord("1")
 
 
+def apgd(clf: Any, eps: float, iters: int, batch: int, loss_type: str, targeted: bool = False) -> Any:
+    """ART's APGD with AutoAttack's settings: L-inf, initial step 2 eps, one random start."""
+    from art.attacks.evasion import AutoProjectedGradientDescent
+    return AutoProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=2 * eps, max_iter=iters, targeted=targeted,
+                                        nb_random_init=1, batch_size=batch, loss_type=loss_type, verbose=False)
+
+
 class Crafter:
     """Makes the adversarial candidates of one attack for one chunk. ``victim`` takes [0, 1] images;
     ``purifier`` is a ``zeropur_rt.Purifier``; ``opts`` the eval arguments (eps in 1/255 units)."""
@@ -104,7 +111,7 @@ class Crafter:
         if kind not in self._models:
             from zeropur_export import adaptive
             if kind == "bpda":
-                m = adaptive.BPDAModel(self.victim, self.pur, eot=self.o.eot)
+                m = adaptive.BPDAModel(self.victim, self.pur.purify, eot=self.o.eot)
             elif kind == "traj":
                 m = adaptive.TrajectoryBPDAModel(self.victim, self.pur, self.o.trajectory_points, eot=self.o.eot)
             else:
@@ -113,10 +120,7 @@ class Crafter:
         return self._models[kind]
 
     def _apgd(self, clf: Any, p: dict[str, Any], targeted: bool = False) -> Any:
-        from art.attacks.evasion import AutoProjectedGradientDescent
-        return AutoProjectedGradientDescent(clf, norm=np.inf, eps=self.eps, eps_step=p["eps_step"],
-                                            max_iter=p["max_iter"], targeted=targeted, nb_random_init=1,
-                                            batch_size=self.o.batch, loss_type=p["loss_type"], verbose=False)
+        return apgd(clf, self.eps, p["max_iter"], self.o.batch, p["loss_type"], targeted)
 
     def craft(self, name: str, x: np.ndarray, y: np.ndarray, seed: int) -> list[np.ndarray]:
         """The attack's candidates for (x, y): one array, or one per target class for APGD-T."""
