@@ -48,6 +48,24 @@ def test_tiny_search_writes_a_loadable_config_and_report(real, tmp_path, capsys)
     assert "chosen:" in capsys.readouterr().out
 
 
+def test_worst_case_objective_scores_the_worst_attack_and_reports_both(real, tmp_path, capsys):
+    out = tmp_path / "cal"
+    rc = cli.main(TINY + ["--max-clean-drop", "100", "--out", str(out), "--objective", "worst", "--apgd-iter", "2",
+                          "--bpda-steps", "1"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["objective"]["name"] == "worst" and rep["objective"]["bpda_steps"] == 1
+    assert 0 <= rep["unpurified"]["worst"] <= rep["unpurified"]["clean"]
+    for r in rep["configs"]:
+        # the objective is the worst case, the PGD figure stays beside it
+        assert r["robust"] == r["worst_purified"] and 0 <= r["pgd_purified"] <= 100 and r["robust_base"] == r["worst"]
+    c = rep["chosen"]
+    assert c["worst_purified"] <= c["clean_purified"]
+    md = (out / "report.md").read_text()
+    assert "worst purified" in md and "max purified worst-case (APGD-CE/DLR-2, BPDA-1) accuracy" in md
+    assert "worst case" in capsys.readouterr().out
+
+
 def test_no_config_in_budget_exits_3_with_report_and_no_config(real, tmp_path, capsys):
     out = tmp_path / "cal"
     out.mkdir()
@@ -102,8 +120,10 @@ def test_evaluator_matches_reference_purifier_and_extends_incrementally(real):
     victim = load_victim("resnet20")
     xs, ys = load_cifar10_test(None, 5000, 5006)
     x = torch.from_numpy(to_nchw_float(xs))
-    adv = (x + 4 / 255 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))).clamp(0, 1)
-    ev = calib.Evaluator(victim, x, adv, ys, batch=4, progress=False)
+    def noisy(seed):
+        return (x + 4 / 255 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))).clamp(0, 1)
+    adv, adv2 = noisy(0), noisy(1)  # two attack blocks beside the clean one, as the worst-case objective has
+    ev = calib.Evaluator(victim, x, {"pgd": adv, "apgd-ce": adv2}, ys, batch=4, progress=False)
     cfg = preset("cifar10", blur_sigma=1.0, eps=8 / 255, gs_steps=2, ap_steps=2, ap_step=4 / 255, ila_weight=0.1,
                  ila_normalized=True)
     gs_only = cfg.replace(ap_steps=0, gs_steps=1)  # a snapshot of the same GS trajectory
@@ -111,8 +131,8 @@ def test_evaluator_matches_reference_purifier_and_extends_incrementally(real):
     (r,) = ev.evaluate([cfg], 6, "b")  # only rows 3..5 are new
     ref = ReferencePurifier(victim, cfg)
     ref_gs = ReferencePurifier(victim, cfg.replace(ap_steps=0))  # the same loop, stopped after Guided Shift
-    coarse = torch.from_numpy(ev.coarse(cfg, 0, 6))  # rows 0..5: the clean block, then the adversarial block
-    for src, ok, got in ((x, r.ok_clean, coarse[:6]), (adv, r.ok_adv, coarse[6:])):
+    coarse = torch.from_numpy(ev.coarse(cfg, 0, 6))  # rows 0..5 of the clean block, then of each attack's block
+    for src, ok, got in ((x, r.ok_clean, coarse[:6]), (adv, r.ok_adv, coarse[6:12]), (adv2, r.ok["apgd-ce"], coarse[12:])):
         np.testing.assert_array_equal(ok, ref.classify(ref.purify(src)).numpy() == ys)
         torch.testing.assert_close(got, ref_gs.purify(src), rtol=0, atol=1e-6)
     assert set(ev.gs[gs_key(cfg)]) == {1, 2}  # one GS trajectory, snapshots after 1 and 2 steps
@@ -127,7 +147,7 @@ def test_evaluator_matches_reference_purifier_and_extends_incrementally(real):
 def test_ranking_prefers_robust_inside_budget():
     class _Ev:
         def stats(self, r):
-            return dict(n=1000, clean=80.0, clean_purified=r.cp, pgd=0.0, pgd_purified=r.rob)
+            return dict(n=1000, clean=80.0, clean_purified=r.cp, robust_base=0.0, robust=r.rob)
 
     class _R:
         def __init__(self, cp, rob, steps):
@@ -215,7 +235,7 @@ def test_eval_mode_tiny_and_refuses_the_calibration_slice(real, tmp_path, capsys
 def test_parents_come_from_the_pareto_front():
     class _Ev:
         def stats(self, r):
-            return dict(n=64, clean=80.0, clean_purified=r.cp, pgd=0.0, pgd_purified=r.rob)
+            return dict(n=64, clean=80.0, clean_purified=r.cp, robust_base=0.0, robust=r.rob)
 
     class _R:
         def __init__(self, cp, rob):
@@ -232,7 +252,7 @@ def test_parents_come_from_the_pareto_front():
 def test_a_config_without_robustness_gain_is_not_acceptable():
     class _Ev:
         def stats(self, r):
-            return dict(n=500, clean=82.0, clean_purified=r[0], pgd=0.0, pgd_purified=r[1])
+            return dict(n=500, clean=82.0, clean_purified=r[0], robust_base=0.0, robust=r[1])
 
     assert not search.acceptable(_Ev(), (82.0, 0.0), 3.0, 1.0)  # an expensive identity
     assert search.acceptable(_Ev(), (80.0, 40.0), 3.0, 1.0)

@@ -119,11 +119,13 @@ class EOTPyTorchClassifier(PyTorchClassifier):
 
 
 def art_classifier(model: "torch.nn.Module", nb_classes: int = 10, input_shape: tuple[int, ...] = (3, 32, 32),
-                   preprocessing_defences: list | None = None, eot_samples: int = 1) -> PyTorchClassifier:
-    """An ART classifier over a model taking [0, 1] images and returning logits (normalisation inside)."""
+                   preprocessing_defences: list | None = None, eot_samples: int = 1,
+                   device: str = "cpu") -> PyTorchClassifier:
+    """An ART classifier over a model taking [0, 1] images and returning logits (normalisation inside);
+    ``device`` "gpu" for a model on the current CUDA device."""
     kw = dict(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(input_shape), nb_classes=nb_classes,
               clip_values=(0.0, 1.0), preprocessing=None, preprocessing_defences=preprocessing_defences,
-              device_type="cpu")
+              device_type=device)
     if eot_samples > 1:
         return EOTPyTorchClassifier(eot_samples=eot_samples, **kw)
     return PyTorchClassifier(**kw)

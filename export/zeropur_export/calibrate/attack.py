@@ -1,4 +1,5 @@
-"""The attack the search defends against: PGD-Linf 8/255 on the bare classifier, cached on disk by content."""
+"""The attacks the search defends against, on the bare classifier: PGD-Linf 8/255 (cached on disk by
+content), and for the worst-case objective APGD-CE and APGD-DLR (ART, AutoAttack's settings)."""
 from __future__ import annotations
 
 import hashlib
@@ -56,3 +57,21 @@ def attacked_images(victim: Any, x: torch.Tensor, y: np.ndarray, *, steps: int =
         np.savez(buf, adv=adv.cpu().numpy(), key=np.array(key))
         atomic_write_bytes(cache, buf.getvalue())
     return adv, False
+
+
+def apgd_images(victim: Any, x: torch.Tensor, y: np.ndarray, loss: str, *, iters: int = 100, seed: int = 0,
+                first_row: int = 0, batch: int = 100, progress: bool = True) -> torch.Tensor:
+    """APGD (``loss``: "apgd-ce" or "apgd-dlr") images against the bare ``victim``, seeded per batch as PGD is."""
+    from zeropur_export.art_preprocessor import art_classifier
+    from zeropur_export.attack_suite import apgd
+    clf = art_classifier(victim, victim.spec.num_classes, tuple(victim.spec.input_shape),
+                         device="gpu" if x.device.type == "cuda" else "cpu")
+    att = apgd(clf, ATTACK["eps"], iters, batch, "cross_entropy" if loss == "apgd-ce" else "difference_logits_ratio")
+    out = []
+    bar = progress_bar(desc=f"{loss.upper()}-{iters}", total=len(x), enabled=progress)
+    for i in range(0, len(x), batch):
+        np.random.seed(seed + first_row + i)  # ART's random start draws from numpy's global generator
+        out.append(torch.from_numpy(att.generate(x[i:i + batch].cpu().numpy(), y[i:i + batch])).to(x.device))
+        bar.update(len(out[-1]))
+    bar.close()
+    return torch.cat(out)

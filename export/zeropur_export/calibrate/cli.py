@@ -79,6 +79,11 @@ def _calib_parser() -> argparse.ArgumentParser:
                     help="search size: quick (default with --victim) or full (default with --model); grid flags override it")
     ap.add_argument("--force-overlap", action="store_true", help="allow a calibration slice overlapping the evaluation rows 0:5000")
     ap.add_argument("--max-clean-drop", type=float, default=3.0, help="clean-accuracy budget in points (default %(default)s)")
+    ap.add_argument("--objective", choices=["pgd", "worst"], default="pgd",
+                    help="score robustness by PGD-20 (default), or by the per-image worst case over APGD-CE, APGD-DLR "
+                    "(--apgd-iter, on the bare classifier) and a short BPDA-PGD through each config (--bpda-steps)")
+    ap.add_argument("--apgd-iter", type=int, default=100, help="APGD iterations of --objective worst (default 100)")
+    ap.add_argument("--bpda-steps", type=int, default=5, help="BPDA-PGD steps of --objective worst (default 5)")
     ap.add_argument("--min-robust-gain", type=float, default=1.0,
                     help="the chosen config must beat unpurified PGD accuracy by this many points (default %(default)s)")
     ap.add_argument("--out", default=None, help="output directory (default runs/calib_<model>)")
@@ -215,7 +220,8 @@ def _search_and_save(args: argparse.Namespace, victim: Any, x: Any, y: Any, cali
     res = calibrate(victim, x, y, max_clean_drop=args.max_clean_drop, min_robust_gain=args.min_robust_gain, grid=grid,
                     stage_n=stage_n, device=args.device, batch=args.batch, progress=args.progress,
                     attack_steps=args.attack_steps, seed=args.seed, first_row=calib[0],
-                    pgd_cache=out / "pgd_cache.npz", log=log)
+                    pgd_cache=out / "pgd_cache.npz", log=log, objective=args.objective, apgd_iter=args.apgd_iter,
+                    bpda_steps=args.bpda_steps)
     if res.config is None:
         res.report["message"] += f" Next knob: {NEXT_KNOB[budget]}."
     res.report = dict(**head, calib_rows=list(calib), budget=budget,
@@ -229,7 +235,8 @@ def _search_and_save(args: argparse.Namespace, victim: Any, x: Any, y: Any, cali
         return EXIT_NO_FEASIBLE
     c = rep["chosen"]
     log(f"chosen: {c['label']}\n  n={c['n']}: clean {c['clean']:.1f}% -> {c['clean_purified']:.1f}% purified, "
-        f"PGD {c['pgd']:.1f}% -> {c['pgd_purified']:.1f}% purified")
+        f"PGD {c['pgd']:.1f}% -> {c['pgd_purified']:.1f}% purified"
+        + (f", worst case {c['worst']:.1f}% -> {c['worst_purified']:.1f}% purified" if "worst" in c else ""))
     return 0
 
 

@@ -10,12 +10,16 @@ Two things make a search of dozens of configs affordable:
 
 The purification itself is the one ZeroPur loop (``zeropur_rt.schedule``) through ``ReferencePurifier``:
 its GS iterates are the snapshots, its ``project`` the AP from a snapshot.
+
+The rows come in blocks: the clean images, then each attack's images crafted on the bare classifier
+(PGD always; APGD-CE and APGD-DLR for the worst-case objective), all purified alike. A short
+BPDA-PGD through each config's own purifier (``bpda_steps`` > 0) is the one config-dependent attack.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -24,7 +28,9 @@ from zeropur_export.reference import ReferencePurifier
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.progress import progress as progress_bar
 
-from .common import cfg_key, predict
+from zeropur_export.attacks import pgd_linf
+
+from .common import ATTACK, cfg_key, predict
 
 
 def gs_key(cfg: ZeroPurConfig) -> tuple:
@@ -32,36 +38,56 @@ def gs_key(cfg: ZeroPurConfig) -> tuple:
     return (cfg.blur_sigma, cfg.eps, cfg.gs_step, cfg.momentum, cfg.l1_scope)
 
 
+OBJECTIVES = ("pgd", "worst")
+WORST_OF = ("apgd-ce", "apgd-dlr", "bpda")  # the worst-case objective: robust only if robust against all three
+
+
 @dataclass
 class Record:
     cfg: ZeroPurConfig
     stage: str
     n: int = 0
-    ok_clean: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # purified clean correct, per row
-    ok_adv: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # purified PGD correct, per row
+    ok: dict[str, np.ndarray] = field(default_factory=dict)  # block ("clean", "pgd", ...) -> purified correct, per row
     seconds: float = 0.0
     stages: list[str] = field(default_factory=list)
 
+    @property
+    def ok_clean(self) -> np.ndarray:
+        return self.ok.get("clean", np.zeros(0, bool))
+
+    @property
+    def ok_adv(self) -> np.ndarray:
+        return self.ok.get("pgd", np.zeros(0, bool))
+
 
 class Evaluator:
-    """Purified accuracy of configs on the first n calibration rows, with GS outputs and results reused."""
+    """Purified accuracy of configs on the first n calibration rows, with GS outputs and results reused.
+    ``x_adv``: the PGD images, or a dict of attack name -> images ("pgd" among them)."""
 
-    def __init__(self, victim: Any, x_clean: torch.Tensor, x_adv: torch.Tensor, y: Any, batch: int = 100,
-                 progress: bool = True):
+    def __init__(self, victim: Any, x_clean: torch.Tensor, x_adv: torch.Tensor | Mapping[str, torch.Tensor], y: Any,
+                 batch: int = 100, progress: bool = True, objective: str = "pgd", bpda_steps: int = 0,
+                 seed: int = 0, first_row: int = 0):
         self.victim, self.batch, self.progress = victim, batch, progress
-        self.x = torch.cat([x_clean, x_adv])  # clean rows then adversarial rows
+        blocks = {"clean": x_clean, **({"pgd": x_adv} if isinstance(x_adv, torch.Tensor) else dict(x_adv))}
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if objective == "worst" and (bpda_steps < 1 or not {"apgd-ce", "apgd-dlr"} <= set(blocks)):
+            raise ValueError("the worst-case objective needs APGD-CE and APGD-DLR images and bpda_steps >= 1")
+        self.objective, self.bpda_steps, self.seed, self.first_row = objective, bpda_steps, seed, first_row
+        self.names = list(blocks)
+        self.x = torch.cat(list(blocks.values()))  # block after block, N rows each
         self.N = len(x_clean)
         self.y = np.asarray(y)
-        self.base_clean = predict(victim, x_clean, batch) == self.y
-        self.base_adv = predict(victim, x_adv, batch) == self.y
-        # gs key -> {step count: host array (2 * rows held, C, H, W), the clean block then the adversarial block}
+        self.base = {k: predict(victim, v, batch) == self.y for k, v in blocks.items()}
+        self.base_clean, self.base_adv = self.base["clean"], self.base["pgd"]
+        # gs key -> {step count: host array (blocks * rows held, C, H, W), block after block}
         self.gs: dict[tuple, dict[int, np.ndarray]] = {}
         self.gs_n: dict[tuple, dict[int, int]] = {}  # gs key -> {step count: rows held}
         self.records: dict[str, Record] = {}
 
     def _rows(self, lo: int, hi: int) -> list[int]:
-        """Indices into self.x of calibration rows lo:hi, clean and adversarial."""
-        return list(range(lo, hi)) + list(range(self.N + lo, self.N + hi))
+        """Indices into self.x of calibration rows lo:hi, in every block."""
+        return [b * self.N + i for b in range(len(self.names)) for i in range(lo, hi)]
 
     def _ensure_gs(self, cfg: ZeroPurConfig, steps_set: set[int], n: int, bar: Any) -> None:
         """GS snapshots after each step count of ``steps_set`` for rows 0:n, from one run of the loop."""
@@ -82,24 +108,21 @@ class Evaluator:
             for s in need:
                 new[s].append(after[s])
             bar.update(len(it.coarse) * max(top, 1))
-        h = n - lo
+        h, nb = n - lo, len(self.names)
         for s in need:
-            got = np.concatenate(new[s])  # rows lo:n, the clean block then the adversarial block
-            c_new, a_new = got[:h], got[h:]
+            got = np.concatenate(new[s])  # rows lo:n, block after block
             skip = have.get(s, 0) - lo  # rows already held for this snapshot
-            old = store.get(s)
-            if old is None:
-                store[s] = np.concatenate([c_new[skip:], a_new[skip:]])
-            else:
-                n_old = have[s]
-                store[s] = np.concatenate([old[:n_old], c_new[skip:], old[n_old:], a_new[skip:]])
+            fresh = [got[b * h:(b + 1) * h][skip:] for b in range(nb)]
+            old, n_old = store.get(s), have.get(s, 0)
+            held = [old[b * n_old:(b + 1) * n_old] for b in range(nb)] if old is not None else [got[:0]] * nb
+            store[s] = np.concatenate([part for b in range(nb) for part in (held[b], fresh[b])])
             have[s] = n
 
     def coarse(self, cfg: ZeroPurConfig, lo: int, hi: int) -> np.ndarray:
-        """The GS output of ``cfg`` for calibration rows lo:hi: the clean block then the adversarial block."""
+        """The GS output of ``cfg`` for calibration rows lo:hi, block after block."""
         t = self.gs[gs_key(cfg)][cfg.gs_steps]
         n = self.gs_n[gs_key(cfg)][cfg.gs_steps]
-        return np.concatenate([t[lo:hi], t[n + lo:n + hi]])
+        return np.concatenate([t[b * n + lo:b * n + hi] for b in range(len(self.names))])
 
     def _work(self, groups: dict[tuple, list[Record]], n: int) -> int:
         """Image-steps the call will purify: the progress bar's units."""
@@ -109,8 +132,9 @@ class Evaluator:
             need = [r.cfg.gs_steps for r in rs if have.get(r.cfg.gs_steps, 0) < n]
             if need:
                 lo = min(min(have.get(s, 0) for s in need), min(r.n for r in rs))
-                total += 2 * (n - lo) * max(max(need), 1)
-            total += sum(2 * (n - r.n) * r.cfg.ap_steps for r in rs)
+                total += len(self.names) * (n - lo) * max(max(need), 1)
+            total += sum(len(self.names) * (n - r.n) * r.cfg.ap_steps for r in rs)
+            total += sum(self.bpda_steps * (n - r.n) * (r.cfg.gs_steps + r.cfg.ap_steps) for r in rs)
         return total
 
     def evaluate(self, cfgs: Iterable[ZeroPurConfig], n: int, stage: str) -> list[Record]:
@@ -158,13 +182,38 @@ class Evaluator:
                 bar.update(len(parts[-1]) * r.cfg.ap_steps)
             out = torch.cat(parts)
         pred = predict(self.victim, out, self.batch)
-        r.ok_clean = np.concatenate([r.ok_clean, pred[:h] == self.y[lo:n]])
-        r.ok_adv = np.concatenate([r.ok_adv, pred[h:] == self.y[lo:n]])
+        for b, name in enumerate(self.names):
+            r.ok[name] = np.concatenate([r.ok.get(name, np.zeros(0, bool)), pred[b * h:(b + 1) * h] == self.y[lo:n]])
+        if self.bpda_steps:
+            r.ok["bpda"] = np.concatenate([r.ok.get("bpda", np.zeros(0, bool)), self._bpda(r.cfg, lo, n, bar)])
         r.n = n
 
+    def _bpda(self, cfg: ZeroPurConfig, lo: int, n: int, bar: Any) -> np.ndarray:
+        """Purified correct, per clean row lo:n, after a short BPDA-PGD through ``cfg``'s own purifier."""
+        from zeropur_export.adaptive import BPDAModel
+        pur = ReferencePurifier(self.victim, cfg)
+        model = BPDAModel(self.victim, lambda a: pur.purify(torch.from_numpy(a)).cpu().numpy())
+        ok = []
+        for i in range(lo, n, self.batch):
+            j = min(n, i + self.batch)
+            yt = torch.from_numpy(self.y[i:j]).to(self.x.device)
+            adv = pgd_linf(model, self.x[i:j], yt, eps=ATTACK["eps"], step=ATTACK["step"], steps=self.bpda_steps,
+                           seed=self.seed + self.first_row + i)
+            ok.append(pur.classify(pur.purify(adv)).cpu().numpy() == self.y[i:j])
+            bar.update((j - i) * self.bpda_steps * (cfg.gs_steps + cfg.ap_steps))
+        return np.concatenate(ok)
+
     def stats(self, r: Record) -> dict[str, float]:
-        """Accuracies (percent) of a record on its own n rows, and the unpurified references on the same rows."""
+        """Accuracies (percent) of a record on its own n rows, and the unpurified references on the same rows.
+        ``robust`` / ``robust_base`` are the objective's: PGD, or the worst case over APGD-CE, APGD-DLR and BPDA
+        (whose unpurified reference is the bare classifier's worst case over the two APGD runs)."""
         n = r.n
-        return dict(n=n, clean=100 * float(self.base_clean[:n].mean()), pgd=100 * float(self.base_adv[:n].mean()),
-                    clean_purified=100 * float(r.ok_clean.mean()), pgd_purified=100 * float(r.ok_adv.mean()),
-                    seconds=r.seconds)
+        s = dict(n=n, clean=100 * float(self.base_clean[:n].mean()), pgd=100 * float(self.base_adv[:n].mean()),
+                 clean_purified=100 * float(r.ok_clean.mean()), pgd_purified=100 * float(r.ok_adv.mean()),
+                 seconds=r.seconds)
+        s["robust"], s["robust_base"] = s["pgd_purified"], s["pgd"]
+        if self.objective == "worst":
+            s["worst"] = 100 * float(np.all([self.base[k][:n] for k in WORST_OF[:2]], 0).mean())
+            s["worst_purified"] = 100 * float(np.all([r.ok[k] for k in WORST_OF], 0).mean())
+            s["robust"], s["robust_base"] = s["worst_purified"], s["worst"]
+        return s

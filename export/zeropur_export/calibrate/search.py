@@ -115,16 +115,16 @@ def rank(ev: HasStats, recs: list, budget: float, slack_scale: float, extra_slac
         s = ev.stats(r)
         slack = slack_scale * _noise(r.n) + extra_slack
         over = (s["clean"] - budget) - s["clean_purified"]
-        gains = s["pgd_purified"] > s["pgd"] + 1e-9
+        gains = s["robust"] > s["robust_base"] + 1e-9
         inside = gains and over <= slack + 1e-9
         cost = r.cfg.gs_steps + r.cfg.ap_steps
-        return (gains, inside, s["pgd_purified"] if inside else -over, s["clean_purified"], -cost)
+        return (gains, inside, s["robust"] if inside else -over, s["clean_purified"], -cost)
     return sorted(recs, key=key, reverse=True)
 
 
 def pareto_front(ev: HasStats, recs: list) -> list:
-    """Configs not dominated in (purified clean, purified PGD), sorted by purified clean, best first."""
-    pt = {id(r): (s["clean_purified"], s["pgd_purified"]) for r in recs for s in [ev.stats(r)]}
+    """Configs not dominated in (purified clean, purified robust), sorted by purified clean, best first."""
+    pt = {id(r): (s["clean_purified"], s["robust"]) for r in recs for s in [ev.stats(r)]}
     front = [r for r in recs
              if not any(o[0] >= pt[id(r)][0] and o[1] >= pt[id(r)][1] and o != pt[id(r)] for o in pt.values())]
     uniq: dict[tuple, Any] = {}
@@ -153,12 +153,12 @@ def feasible(ev: HasStats, r: Any, budget: float) -> bool:
 def acceptable(ev: HasStats, r: Any, budget: float, min_gain: float) -> bool:
     """Inside the clean budget AND more robust than no purification (else it is an expensive identity)."""
     s = ev.stats(r)
-    return feasible(ev, r, budget) and s["pgd_purified"] >= s["pgd"] + min_gain - 1e-9
+    return feasible(ev, r, budget) and s["robust"] >= s["robust_base"] + min_gain - 1e-9
 
 
 def short(ev: Evaluator, r: Record) -> str:
     s = ev.stats(r)
-    return f"[{cfg_label(r.cfg)}] clean {s['clean_purified']:.1f}/{s['clean']:.1f} rob {s['pgd_purified']:.1f} (n={s['n']})"
+    return f"[{cfg_label(r.cfg)}] clean {s['clean_purified']:.1f}/{s['clean']:.1f} rob {s['robust']:.1f} (n={s['n']})"
 
 
 def run_search(ev: Evaluator, grid: Grid, stage_n: Sequence[int], max_clean_drop: float, min_robust_gain: float,
