@@ -88,7 +88,7 @@ def _host(x: torch.Tensor) -> np.ndarray:
 
 
 class _Purified(nn.Module):
-    """Shared parts: the victim, the purifier call with its one-batch memo, EOT averaging."""
+    """Shared parts: the victim, and EOT averaging over ``sample``."""
 
     def __init__(self, victim: Victim, eot: int = 1):
         super().__init__()
