@@ -10,7 +10,8 @@ pass, i.e. in what an attacker who knows the defence differentiates. Any ART att
   victim's Jacobian averaged over ``points`` iterates spread along the loop (the coarse and
   final images among them), each with the identity behind it, applied to the loss gradient at
   the output. An attacker who does not trust the end point alone.
-* ``UnrolledModel``: forward = the reference loop in torch; backward = the chain rule through
+* ``UnrolledModel``: forward = the one loop of ``zeropur_rt.schedule`` over the reference's gradients
+  (``TapeRunner``: the runner whose buffers are autograd tensors); backward = the chain rule through
   every Guided Shift and Adaptive Projection step, second order through the victim (each step is
   itself a gradient), with sign's derivative replaced by the identity (straight-through) and
   the quantised blur's by the identity. Memory stays at one step's double graph: the forward
@@ -31,6 +32,7 @@ from torch import nn
 
 from zeropur_export import reference as ref
 from zeropur_export.taps import Victim
+from zeropur_rt import schedule
 from zeropur_rt.config import ZeroPurConfig
 
 
@@ -148,39 +150,103 @@ class TrajectoryBPDAModel(_Purified):
 
 
 # ---------------------------------------------------------------- the unrolled loop (full gradient)
-def _blur_st(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    return substitute(x, ref.blur_torch(x, sigma))
+class _Box:
+    """A tape runner's buffer: one tensor, replaced (never written in place) by every write."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
 
 
-def _gs_step(victim: Victim, cfg: ZeroPurConfig, x: torch.Tensor, m: torch.Tensor, x_in: torch.Tensor,
-             create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's GS step as a differentiable function of (x, m, x_in)."""
-    with torch.enable_grad():
-        xg = x if x.requires_grad else x.detach().requires_grad_(True)
-        # The step's gradient is taken at an alias of x: the partial through the sharp branch only, as in
-        # the reference, while the blurred branch's dependence on x stays in the graph for the attacker.
-        xa = xg.view_as(xg)
-        loss = ref.gs_loss(victim, xa, _blur_st(xg, cfg.blur_sigma), blur_graph=create_graph)
-        (g,) = torch.autograd.grad(loss, xa, create_graph=create_graph)
-        return ref.gs_update(xg, g, m, x_in, cfg, sign=st_sign if create_graph else torch.sign)
+class TapeRunner:
+    """The schedule's ``Runner`` over autograd: the reference's gradient graphs, buffers that are boxes, and
+    every write a new tensor, so the one loop of ``zeropur_rt.schedule`` becomes a differentiable function
+    of its input. With ``graph`` each step's gradient keeps its own graph (second order through the victim)
+    and the step's gradient is taken at an alias of its input, i.e. in that input alone, as the reference
+    takes it; without, nothing is recorded (the attack's forward pass)."""
+
+    name = "tape"
+
+    def __init__(self, victim: Victim, cfg: ZeroPurConfig, graph: bool):
+        from zeropur_export.torch_runner import TorchRunner
+        self.victim, self.cfg, self.graph = victim, cfg, graph
+        self.dtype, self.device = victim.mean.dtype, victim.mean.device
+        self._shapes = TorchRunner(victim, cfg, "cpu" if self.device.type == "cpu" else str(self.device))
+
+    def alloc(self, shape: tuple[int, ...], name: str) -> _Box:
+        return _Box(torch.zeros(shape, dtype=self.dtype, device=self.device))
+
+    def output_shapes(self, graph: str, n: int) -> dict[str, tuple[int, ...]]:
+        return self._shapes.output_shapes(graph, n)
+
+    def copy(self, dst: _Box, src: _Box) -> None:
+        dst.t = src.t
+
+    def zero(self, buf: _Box) -> None:
+        buf.t = torch.zeros_like(buf.t)
+
+    def upload(self, dst: _Box, src: np.ndarray) -> None:
+        dst.t = torch.as_tensor(src, dtype=self.dtype, device=self.device)
+
+    def download(self, src: _Box) -> np.ndarray:
+        return src.t.detach().cpu().numpy()
+
+    def sync(self) -> None: ...
+
+    def capture(self, enqueue: Callable[[], None]) -> None:
+        return None
+
+    def release(self, buffers: list[Any], n: int | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+    def _step_grad(self, loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            xg = x if self.graph and x.requires_grad else x.detach().requires_grad_(True)
+            xa = xg.view_as(xg)
+            (g,) = torch.autograd.grad(loss_of(xa), xa, create_graph=self.graph)
+        return g if self.graph else g.detach()
+
+    def run(self, graph: str, inputs: dict[str, _Box], outputs: dict[str, _Box]) -> None:
+        v, t = self.victim, {k: b.t for k, b in inputs.items()}
+        if graph == "gs_grad":
+            outputs["grad"].t = self._step_grad(lambda x: ref.gs_loss(v, x, t["x_blur"], blur_graph=self.graph), t["x"])
+        elif graph == "ap_setup":
+            with torch.set_grad_enabled(self.graph):
+                c = ref.ap_constants(v, t["x_in"], t["coarse"], self.cfg)
+            for i, d in enumerate(c.ila_dir):
+                outputs[f"ila_dir_{i}"].t = d
+            outputs["lpips_ref"].t = c.lpips_ref
+        elif graph == "ap_grad":
+            c = ref.APConstants([t[f"ila_dir_{i}"] for i in range(len(v.spec.ila))], t["lpips_ref"])
+            outputs["grad"].t = self._step_grad(lambda f: ref.ap_loss(v, f, c, self.cfg), t["fine"])
+        else:
+            raise ValueError(f"the tape runner runs gs_grad, ap_setup and ap_grad, not {graph!r}")
 
 
-def _ap_step(victim: Victim, cfg: ZeroPurConfig, fine: torch.Tensor, x_in: torch.Tensor, c: ref.APConstants,
-             create_graph: bool) -> torch.Tensor:
-    with torch.enable_grad():
-        fg = fine if fine.requires_grad else fine.detach().requires_grad_(True)
-        fa = fg.view_as(fg)  # the step's gradient in fine alone (fine may be x_in, on which the constants depend)
-        (g,) = torch.autograd.grad(ref.ap_loss(victim, fa, c, cfg), fa, create_graph=create_graph)
-        return ref.ap_update(fg, g, x_in, cfg, sign=st_sign if create_graph else torch.sign)
+class TapeKernels:
+    """The reference's torch update twins on boxes, with a straight-through sign and blur."""
+
+    name = "tape"
+
+    def blur(self, src: _Box, dst: _Box, sigma: float) -> None:
+        dst.t = substitute(src.t, ref.blur_torch(src.t, sigma))
+
+    def gs_update(self, x: _Box, grad: _Box, m: _Box, x_in: _Box, l1: _Box, cfg: ZeroPurConfig) -> None:
+        x.t, m.t = ref.gs_update(x.t, grad.t, m.t, x_in.t, cfg, sign=st_sign)
+
+    def ap_update(self, x: _Box, grad: _Box, x_in: _Box, cfg: ZeroPurConfig) -> None:
+        x.t = ref.ap_update(x.t, grad.t, x_in.t, cfg, sign=st_sign)
+
+    def close(self) -> None: ...
 
 
-def _consts(c: ref.APConstants) -> list[torch.Tensor]:
-    return [*c.ila_dir, c.lpips_ref, *(c.ila_offset or [])]
-
-
-def _rebuild(c: ref.APConstants, flat: list[torch.Tensor]) -> ref.APConstants:
-    k = len(c.ila_dir)
-    return ref.APConstants(flat[:k], flat[k], flat[k + 1:] if c.ila_offset is not None else None)
+def _tape(victim: Victim, cfg: ZeroPurConfig, x_in: torch.Tensor, graph: bool) -> tuple[TapeRunner, Any]:
+    runner = TapeRunner(victim, cfg, graph)
+    b = schedule.allocate(runner, len(x_in), tuple(x_in.shape[1:]), cfg.ap_steps > 0)
+    b.x_in.t = x_in
+    return runner, b
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -194,75 +260,67 @@ def _acc(total: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor | N
 def unrolled_purify_graph(victim: Victim, cfg: ZeroPurConfig, x_in: torch.Tensor) -> torch.Tensor:
     """The whole loop as one autograd graph (every step's double graph held at once): the plain
     definition that ``UnrolledPurify``'s step-by-step backward is tested against. Small inputs only."""
-    x, m = x_in, torch.zeros_like(x_in)
-    for _ in range(cfg.gs_steps):
-        x, m = _gs_step(victim, cfg, x, m, x_in, create_graph=True)
-    if cfg.ap_steps == 0:
-        return x
-    c = ref.ap_constants(victim, x_in, x, cfg)
-    fine = x_in
-    for _ in range(cfg.ap_steps):
-        fine = _ap_step(victim, cfg, fine, x_in, c, create_graph=True)
-    return fine
+    runner, b = _tape(victim, cfg, x_in, graph=True)
+    return schedule.purify(runner, TapeKernels(), b, cfg).t
 
 
 class UnrolledPurify(torch.autograd.Function):
-    """The reference loop; backward = the exact chain rule (straight-through sign and blur), one step at a time."""
+    """The schedule's loop on the tape runner; backward = the exact chain rule (straight-through sign and
+    blur), re-running one step at a time from the iterates the forward kept."""
 
     @staticmethod
     def forward(ctx: Any, x_in: torch.Tensor, victim: Victim, cfg: ZeroPurConfig) -> torch.Tensor:  # noqa: D102
-        x_in = x_in.detach()
-        x, m = x_in, torch.zeros_like(x_in)
-        gs_states = []
-        for _ in range(cfg.gs_steps):
-            gs_states.append((x, m))
-            x, m = (t.detach() for t in _gs_step(victim, cfg, x, m, x_in, create_graph=False))
+        runner, b = _tape(victim, cfg, x_in.detach(), graph=False)
+        gs_states: list[tuple[torch.Tensor, torch.Tensor]] = []
         ap_states: list[torch.Tensor] = []
-        out = x
-        if cfg.ap_steps:
-            with torch.no_grad():
-                c = ref.ap_constants(victim, x_in, x, cfg)
-            fine = x_in
-            for _ in range(cfg.ap_steps):
-                ap_states.append(fine)
-                fine = _ap_step(victim, cfg, fine, x_in, c, create_graph=False).detach()
-            out = fine
-        ctx.victim, ctx.cfg, ctx.gs_states, ctx.ap_states, ctx.coarse = victim, cfg, gs_states, ap_states, x
+
+        def keep(stage: str, t: int, buf: Any) -> None:  # the input of each step: all a re-run needs
+            if stage == "gs":
+                gs_states.append((b.x.t, b.m.t))
+            elif stage == "ap":
+                ap_states.append(b.fine.t)
+
+        out = schedule.purify(runner, TapeKernels(), b, cfg, observe=keep).t
+        ctx.victim, ctx.cfg, ctx.gs_states, ctx.ap_states, ctx.coarse = victim, cfg, gs_states, ap_states, b.x.t
         ctx.save_for_backward(x_in)
-        return out.clone()
+        return out.detach().clone()
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # noqa: D102
         (x_in,) = ctx.saved_tensors
-        victim, cfg = ctx.victim, ctx.cfg
+        cfg, kernels = ctx.cfg, TapeKernels()
+        runner, b = _tape(ctx.victim, cfg, x_in.detach(), graph=True)
         adj_in: torch.Tensor | None = None
         adj_x = grad_out
         with torch.enable_grad():
-            if cfg.ap_steps:
+            if ctx.ap_states:
                 xin_c, coarse_c = _leaf(x_in), _leaf(ctx.coarse)
-                c = ref.ap_constants(victim, xin_c, coarse_c, cfg)
-                flat = _consts(c)
-                leaves = [_leaf(t) for t in flat]
-                c_leaf = _rebuild(c, leaves)
+                b.x_in.t, b.x.t = xin_c, coarse_c
+                schedule.ap_begin(runner, b)  # the AP constants, with their graph to (x_in, coarse)
+                names = list(b.ap_consts)
+                consts = [b.ap_consts[k].t for k in names]
+                leaves = [_leaf(c) for c in consts]
                 adj_c: list[torch.Tensor | None] = [None] * len(leaves)
                 for fine in reversed(ctx.ap_states):
                     f, xi = _leaf(fine), _leaf(x_in)
-                    nxt = _ap_step(victim, cfg, f, xi, c_leaf, create_graph=True)
-                    g = torch.autograd.grad(nxt, [f, xi, *leaves], grad_outputs=adj_x, allow_unused=True)
+                    b.fine.t, b.x_in.t = f, xi
+                    for k, leaf in zip(names, leaves):
+                        b.ap_consts[k].t = leaf
+                    schedule.ap_step(runner, kernels, b, cfg)
+                    g = torch.autograd.grad(b.fine.t, [f, xi, *leaves], grad_outputs=adj_x, allow_unused=True)
                     adj_x, adj_in = g[0], _acc(adj_in, g[1])
-                    adj_c = [_acc(a, b) for a, b in zip(adj_c, g[2:])]
+                    adj_c = [_acc(a, c) for a, c in zip(adj_c, g[2:])]
                 adj_in = _acc(adj_in, adj_x)  # AP starts from the input
-                used = [(t, a) for t, a in zip(flat, adj_c) if a is not None]
-                g = torch.autograd.grad([t for t, _ in used], [xin_c, coarse_c], grad_outputs=[a for _, a in used],
+                used = [(c, a) for c, a in zip(consts, adj_c) if a is not None]
+                g = torch.autograd.grad([c for c, _ in used], [xin_c, coarse_c], grad_outputs=[a for _, a in used],
                                         allow_unused=True) if used else (None, None)
                 adj_in, adj_x = _acc(adj_in, g[0]), g[1] if g[1] is not None else torch.zeros_like(x_in)
             adj_m: torch.Tensor | None = None
             for x, m in reversed(ctx.gs_states):
                 xl, ml, xi = _leaf(x), _leaf(m), _leaf(x_in)
-                nx, nm = _gs_step(victim, cfg, xl, ml, xi, create_graph=True)
-                outs, adjs = [nx], [adj_x]
-                if adj_m is not None:
-                    outs, adjs = [nx, nm], [adj_x, adj_m]
+                b.x.t, b.m.t, b.x_in.t = xl, ml, xi
+                schedule.gs_step(runner, kernels, b, cfg)
+                outs, adjs = ([b.x.t], [adj_x]) if adj_m is None else ([b.x.t, b.m.t], [adj_x, adj_m])
                 g = torch.autograd.grad(outs, [xl, ml, xi], grad_outputs=adjs, allow_unused=True)
                 adj_x = g[0] if g[0] is not None else torch.zeros_like(x_in)
                 adj_m, adj_in = g[1], _acc(adj_in, g[2])
