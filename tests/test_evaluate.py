@@ -86,7 +86,7 @@ def test_eval_end_to_end_every_attack_resumable(art20, victim20, cifar, tmp_path
         assert r["attack_s"] > 0 and r["linf"] <= 8 / 255 + 1e-5 and r["chunks_resumed"] == 0
         assert len(r["correct"]) == r["n"] == (6 if name in ADAPTIVE else 12)
         assert r["robust_acc"] == pytest.approx(100 * r["correct"].count("1") / r["n"])
-    assert rows["apgd-t"]["candidates"] == 2
+    assert rows["apgd-t"]["candidates"] == 2 and rows["transfer"]["params"]["source"] == "resnet56"
     # A few steps on the bare ResNet-20 must hurt it.
     for name in ("pgd", "pgd-first", "apgd-ce"):
         assert rows[name]["robust_acc"] < clean["acc"]

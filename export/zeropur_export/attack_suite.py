@@ -71,9 +71,9 @@ class Crafter:
     """Makes the adversarial candidates of one attack for one chunk. ``victim`` takes [0, 1] images;
     ``purifier`` is a ``zeropur_rt.Purifier``; ``opts`` the eval arguments (eps in 1/255 units)."""
 
-    def __init__(self, victim: Any, purifier: Any, opts: Any, transfer_source: Any = None):
+    def __init__(self, victim: Any, purifier: Any, opts: Any, transfer_source: Any = None, source_name: str = ""):
         from zeropur_export.art_preprocessor import art_classifier
-        self.victim, self.pur, self.o, self.source = victim, purifier, opts, transfer_source
+        self.victim, self.pur, self.o, self.source, self.source_name = victim, purifier, opts, transfer_source, source_name
         self.eps = opts.eps / 255
         self.k = int(purifier.manifest.num_classes)
         self.chw = tuple(purifier.chw)
@@ -96,7 +96,7 @@ class Crafter:
         if name == "apgd-t":
             p["targets"] = o.apgd_targets
         if name == "transfer":
-            p.update(max_iter=o.apgd_iter, source=o.transfer_from)
+            p.update(max_iter=o.apgd_iter, source=self.source_name)
         if name in ADAPTIVE:
             p.update(max_iter=o.adaptive_iter, eot=o.eot)
         if name.startswith("traj-"):

@@ -7,8 +7,8 @@ All L-inf at ``--eps`` (8/255). The attacks (``zeropur_export.attack_suite``; AR
 gradients through the defence in ``zeropur_export.adaptive``):
 
 * non-adaptive, crafted on the bare classifier and then purified: ``pgd`` (``--pgd-steps``),
-  ``pgd-first`` (the same PGD stopped at each image's first misclassification: AutoAttack's,
-  hence the paper's, protocol), ``apgd-ce``, ``apgd-dlr``, ``apgd-t`` (targeted DLR against
+  ``pgd-first`` (the same PGD stopped at each image's first misclassification: the extreme of
+  AutoAttack's stop-at-success protocol, behind the paper's figures), ``apgd-ce``, ``apgd-dlr``, ``apgd-t`` (targeted DLR against
   ``--apgd-targets`` classes, the clean logits' runners-up), ``--apgd-iter`` (100) iterations;
 * ``transfer``: APGD-CE on ``--transfer-from`` (another zoo classifier), then purified;
 * adaptive, through the purifier, ``--adaptive-iter`` (100) iterations on the first
@@ -183,7 +183,7 @@ class Evaluator:
                                  f"{src.spec.num_classes} classes, {self.model} {tuple(self.pur.chw)} and "
                                  f"{self.pur.manifest.num_classes}: drop 'transfer' from --attacks")
             source = art_classifier(src, src.spec.num_classes, tuple(src.spec.input_shape))
-        self.crafter = Crafter(self.victim, self.pur, self.args, source)
+        self.crafter = Crafter(self.victim, self.pur, self.args, source, self.source or "")
 
     def _chunks(self, n: int) -> list[slice]:
         b = self.args.batch

@@ -24,11 +24,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from zeropur_export.attacks import pgd_linf
 from zeropur_export.reference import ReferencePurifier
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.progress import progress as progress_bar
-
-from zeropur_export.attacks import pgd_linf
 
 from .common import ATTACK, cfg_key, predict
 
