@@ -12,9 +12,6 @@ from zeropur_export.attacks import pgd_linf  # noqa: E402
 from zeropur_export.reference import ReferencePurifier  # noqa: E402
 from zeropur_rt.config import ZeroPurConfig  # noqa: E402
 
-TINY = dict(gs_steps=1, ap_steps=1)
-
-
 @pytest.fixture(scope="module")
 def pur_tiny(art20):
     from zeropur_rt import Purifier

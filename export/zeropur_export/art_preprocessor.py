@@ -31,7 +31,9 @@ inside). ``ProjectedGradientDescent`` then picks its numpy implementation, which
 
 EOT: ZeroPur is deterministic, so one sample per step is exact (the default). For a randomised
 purifier, ``bpda_classifier(..., eot_samples=k)`` returns a classifier whose ``loss_gradient``
-averages ``k`` BPDA gradients, each with a fresh purification of the same input.
+averages ``k`` BPDA gradients, each with a fresh purification of the same input. ART's APGD re-wraps
+its estimator as a plain ``PyTorchClassifier`` and so drops that averaging; ``zeropur-export eval``
+uses the torch modules of ``zeropur_export.adaptive`` instead, which keep their gradient under any attack.
 """
 from __future__ import annotations
 
