@@ -10,6 +10,7 @@ pytest.importorskip("art")
 from zeropur_export import adaptive  # noqa: E402
 from zeropur_export.attacks import pgd_linf  # noqa: E402
 from zeropur_export.reference import ReferencePurifier  # noqa: E402
+from zeropur_rt import schedule  # noqa: E402
 from zeropur_rt.config import ZeroPurConfig  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -24,20 +25,24 @@ def _loss_grad(model, x, y):
     return torch.autograd.grad(loss, xt)[0].numpy()
 
 
-def test_unrolled_loop_is_the_reference_and_its_backward_the_one_graph_chain_rule(victim20, cifar):
-    """Forward: bit-identical to the reference purifier. Backward: the step-by-step sweep (checkpointed by
-    hand) equals autograd over the whole loop held as one graph, in float64; and it is not BPDA's identity."""
+@pytest.mark.parametrize("jitter", [0.0, 0.5])
+def test_unrolled_loop_is_the_reference_and_its_backward_the_one_graph_chain_rule(victim20, cifar, jitter):
+    """Forward: bit-identical to the reference purifier (with a jittered blur: given the same seed). Backward:
+    the step-by-step sweep (checkpointed by hand) equals autograd over the whole loop held as one graph, in
+    float64, with the forward's draws; and it is not BPDA's identity."""
     v = victim20.to_dtype(torch.float64)
-    cfg = ZeroPurConfig(gs_steps=2, ap_steps=2)
+    cfg = ZeroPurConfig(gs_steps=2, ap_steps=2, blur_sigma_jitter=jitter)
     x = torch.from_numpy(cifar[0][:2]).double()
-    want = ReferencePurifier(v, cfg).purify(x)
+    want = ReferencePurifier(v, cfg, seed=7).purify(x)
+    drawn = schedule.draw(cfg, tuple(x.shape), np.random.default_rng(7))
+    assert (drawn is None) == (jitter == 0)
     xa = x.clone().requires_grad_(True)
-    out = adaptive.UnrolledPurify.apply(xa, v, cfg)
+    out = adaptive.UnrolledPurify.apply(xa, v, cfg, drawn)
     assert torch.equal(out, want)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
     (g_sweep,) = torch.autograd.grad((out * w).sum(), xa)
     xb = x.clone().requires_grad_(True)
-    out_graph = adaptive.unrolled_purify_graph(v, cfg, xb)
+    out_graph = adaptive.unrolled_purify_graph(v, cfg, xb, drawn)
     assert torch.equal(out_graph, want)
     (g_graph,) = torch.autograd.grad((out_graph * w).sum(), xb)
     assert torch.isfinite(g_sweep).all() and g_graph.abs().max() > 0
@@ -88,6 +93,25 @@ def test_trajectory_model_averages_the_victim_over_the_iterates(pur_tiny, victim
                                rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="points must be >= 1"):
         adaptive.TrajectoryBPDAModel(victim20, pur_tiny, points=0)
+
+
+def test_unrolled_model_under_a_random_start_averages_its_draws(victim20, cifar):
+    """EOT over the purifier's own draws: the forward is the mean of the victim's logits over ``eot``
+    purifications that each start somewhere else in the eps ball, and the gradient is finite."""
+    cfg = ZeroPurConfig(gs_steps=1, ap_steps=1, random_start=True)
+    x = torch.from_numpy(cifar[0][:2])
+    m = adaptive.UnrolledModel(victim20, cfg, eot=3, draw=lambda shape: schedule.draw(cfg, shape, np.random.default_rng(1)))
+    same = adaptive.UnrolledModel(victim20, cfg, eot=1, draw=lambda shape: schedule.draw(cfg, shape, np.random.default_rng(1)))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), same(x))  # three identical draws average to one
+    rng = np.random.default_rng(2)
+    fresh = adaptive.UnrolledModel(victim20, cfg, eot=3, draw=lambda shape: schedule.draw(cfg, shape, rng))
+    ref = ReferencePurifier(victim20, cfg, seed=2)
+    with torch.no_grad():
+        want = torch.stack([victim20(ref.purify(x)) for _ in range(3)]).mean(0)
+        torch.testing.assert_close(fresh(x), want)
+    g = _loss_grad(fresh, cifar[0][:2], cifar[1][:2])
+    assert np.isfinite(g).all() and np.abs(g).max() > 0
 
 
 def test_first_success_pgd_freezes_each_image_where_it_first_fools(victim20, cifar):

@@ -74,3 +74,6 @@ def test_refusals(art20, x16):
     batch_l1 = Purifier.load(art20, threads=1, overrides={**SHORT, "l1_scope": "batch"})
     with pytest.raises(ConfigError, match="per-sample"):
         ContinuousScheduler(batch_l1)
+    randomised = Purifier.load(art20, threads=1, overrides={**SHORT, "random_start": True})
+    with pytest.raises(ConfigError, match="deterministic configs"):
+        ContinuousScheduler(randomised)

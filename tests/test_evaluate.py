@@ -169,3 +169,27 @@ def test_set_fraction_and_boolean_reach_the_purifier(art20, tmp_path, capsys):
     res = json.loads((out / "eval.json").read_text())
     assert res["overrides"] == dict(gs_steps=1, ap_steps=1, eps=8 / 255, ila_normalized=False)
     assert res["purifier_config"]["eps"] == pytest.approx(8 / 255)
+
+
+def test_randomised_purifier_under_eot_resumes_to_the_same_figures(art20, tmp_path, capsys):
+    """A random start and a jittered blur, attacked with EOT: the purifier's draws are reseeded per chunk, so a
+    lost chunk recomputed alone gives the figures the whole run gave."""
+    out = tmp_path / "rand"
+    cmd = ["eval", "--artifacts", str(art20), "--rows", "0:4", "--batch", "2", "--attacks", "bpda-apgd-ce",
+           "unrolled-apgd-ce", "--adaptive-iter", "2", "--eot", "2", "--unrolled-n", "2", "--seed", "1", "--out", str(out),
+           *FAST, "--set", "random_start=true", "blur_sigma_jitter=0.5"]
+    assert main(cmd) == 0, capsys.readouterr().err
+    res = json.loads((out / "eval.json").read_text())
+    assert res["purifier_config"]["random_start"] is True and res["purifier_config"]["blur_sigma_jitter"] == 0.5
+    rows = {r["attack"]: r for r in res["attacks"]}
+    assert rows["bpda-apgd-ce"]["params"]["eot"] == rows["unrolled-apgd-ce"]["params"]["eot"] == 2
+    assert "x EOT 2" in (out / "eval.md").read_text()
+    for lost in (sorted((out / "state" / a).glob("*.json"))[-1] for a in ("bpda-apgd-ce", "unrolled-apgd-ce")):
+        lost.unlink()
+    assert main(cmd) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["clean"]["correct_purified"] == res["clean"]["correct_purified"]
+    for r in again["attacks"]:
+        if r["group"] != "worst":
+            assert r["chunks_resumed"] == r["chunks"] - 1
+        assert r["correct_purified"] == rows[r["attack"]]["correct_purified"] and r["linf"] == rows[r["attack"]]["linf"]

@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from zeropur_rt import schedule  # noqa: E402
+from zeropur_rt.config import ZeroPurConfig  # noqa: E402
+from zeropur_rt.errors import ConfigError  # noqa: E402
 from zeropur_rt.pipeline import Purifier  # noqa: E402
 
 SHORT = dict(gs_steps=3, ap_steps=4)
@@ -271,3 +273,64 @@ def test_host_and_device_flavours_issue_the_same_operations(art20, x8):
     # later device calls: upload, one graph launch, classify, downloads
     assert [op[0] for op in second_call] == ["upload", "replay", "run", "download", "download"]
     assert second_call[1] == ("replay", len(captured))
+
+
+# ---------------------------------------------------------------- a randomised config: seeded draws, the same loop
+
+RANDOMISED = dict(SHORT, random_start=True, blur_sigma_jitter=0.5)
+
+
+def test_randomised_loop_draws_from_its_seed_on_every_runner(make, x8, victim20):
+    """Random start + jittered blur: every runner stays in the eps ball and [0, 1]; one seed is one sequence of
+    draws (``reseed`` replays it, the next call draws afresh); the reference given that seed starts GS and
+    AP from the very same images and classifies the purified images as the runner does."""
+    from zeropur_export.reference import ReferencePurifier
+    pur = make(**RANDOMISED)
+    assert pur.cfg.randomised
+    x = x8[:4]
+    pur.reseed(5)
+    out, pred, trace = pur.purify_and_classify(x, iterates=True)
+    again = pur.purify(x)
+    pur.reseed(5)
+    assert np.array_equal(pur.purify(x), out) and not np.array_equal(again, out)
+    eps = pur.cfg.eps
+    for img in (out, trace.gs_x[0], trace.ap_x[0]):
+        assert np.all(np.abs(img - x) <= eps + 1e-6) and img.min() >= 0 and img.max() <= 1
+    assert not np.array_equal(trace.gs_x[0], x) and not np.array_equal(trace.ap_x[0], trace.gs_x[0])
+    ref = ReferencePurifier(victim20, pur.cfg, seed=5)
+    ref_out, ref_trace = ref.purify(torch.from_numpy(x), iterates=True)
+    assert np.array_equal(ref_trace.gs_x[0], trace.gs_x[0]) and np.array_equal(ref_trace.ap_x[0], trace.ap_x[0])
+    with torch.no_grad():
+        assert (victim20(ref_out).argmax(1).numpy() == pred).mean() >= 3 / 4
+
+
+def test_draws_follow_the_config():
+    rng = np.random.default_rng(0)
+    det = ZeroPurConfig(gs_steps=4)
+    assert schedule.draw(det, (2, 3, 4, 4), rng) is None
+    assert np.array_equal(rng.random(3), np.random.default_rng(0).random(3))  # a deterministic run draws nothing
+    d = schedule.draw(det.replace(blur_sigma_jitter=0.25), (2, 3, 4, 4), rng)
+    assert d.gs_offset is None and d.ap_offset is None and len(d.sigmas) == 4 and len(set(d.sigmas)) == 4
+    assert all(0.75 * det.blur_sigma <= s <= 1.25 * det.blur_sigma for s in d.sigmas)
+    d = schedule.draw(det.replace(random_start=True, ap_steps=0), (2, 3, 4, 4), rng)
+    assert d.sigmas == (det.blur_sigma,) * 4 and d.ap_offset is None
+    assert d.gs_offset.dtype == np.float32 and np.abs(d.gs_offset).max() <= det.eps and d.gs_offset.std() > det.eps / 3
+    for bad, msg in ((dict(blur_sigma_jitter=1.0), "blur_sigma_jitter"), (dict(blur_sigma_jitter=-0.1), "blur_sigma_jitter"),
+                     (dict(random_start="yes"), "random_start must be true or false")):
+        with pytest.raises(ConfigError, match=msg):
+            ZeroPurConfig(**bad)
+
+
+def test_randomised_config_is_never_captured(art20, x8):
+    """A captured CUDA graph would replay one draw forever: a device runner runs a randomised config eagerly."""
+    log: list = []
+    base = Purifier.load(art20, overrides=RANDOMISED)
+    no_kernels = type("NoKernels", (), {"blur": lambda *a: None, "gs_update": lambda *a: None,
+                                        "ap_update": lambda *a: None})()
+    dev = Recording(DeviceRecorder(base.runner, log), no_kernels, log)
+    device = Purifier(dev, dev.kernel_set(), base.cfg, input_shape=base.chw, batch=base.batch, has_ap=True)
+    assert device.cuda_graph
+    for _ in range(3):
+        device.purify_and_classify(x8[:2])
+    assert not [op for op in log if op[0] in ("capture", "replay")]
+    assert sum(op[0] == "blur" for op in log) == 3 * SHORT["gs_steps"]

@@ -184,6 +184,13 @@ def test_cli_set_overrides_and_refuses_baked_fields(art20, tmp_path, capsys):
     assert "lpips_weight is baked" in capsys.readouterr().err
     assert main(["purify", str(art20), str(src), "--set", "gs_steps=two"]) == 2
     assert "gs_steps=two" in capsys.readouterr().err
+    # a randomised config through the CLI: --seed makes its draws reproducible
+    rand = ["--set", "gs_steps=1", "ap_steps=2", "random_start=true", "blur_sigma_jitter=0.3", "--seed", "4"]
+    assert main(["purify", str(art20), str(src), "--out", str(out), *rand]) == 0
+    want = Purifier.load(art20, overrides=dict(gs_steps=1, ap_steps=2, random_start=True, blur_sigma_jitter=0.3),
+                         seed=4).purify(x, uint8_nhwc=True)
+    with np.load(out) as z:
+        assert np.array_equal(z["x_purified"], want)
 
 
 def test_torch_backend_is_build_time_and_cuda_needs_a_gpu(art20, victim20):

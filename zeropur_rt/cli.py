@@ -32,6 +32,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, launch the device loop eagerly (no CUDA graph)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="loop overrides (steps, eps, step sizes, sigma), e.g. --set gs_steps=5 eps=8/255")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of a randomised config's draws (--set random_start=true / blur_sigma_jitter=...)")
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -45,7 +47,7 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
 
     extra = {"provider": args.ort_provider} if args.ort_provider else {}
     pur = Purifier.load(args.artifact_dir, args.backend, args.device, args.kernels, args.threads,
-                        overrides=parse_sets(args.set), cuda_graph=not args.no_cuda_graph, **extra)
+                        overrides=parse_sets(args.set), cuda_graph=not args.no_cuda_graph, seed=args.seed, **extra)
     with pur:
         x, y, names = read_images(args.input, tuple(pur.chw), args.resize, pur.manifest.num_classes)
         size = min(args.batch or int(pur.manifest.batch.get("opt", pur.max_batch)), pur.max_batch)

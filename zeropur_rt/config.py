@@ -43,10 +43,16 @@ class ZeroPurConfig:
     # ||h(coarse) - h(x_in)|| + ila_norm_eps, which makes ila_weight portable across victims.
     ila_normalized: bool = False
     ila_norm_eps: float = 1e-8
+    # Randomised purification (off in every preset): GS and AP each start from a uniform draw inside the
+    # eps ball around the input, and each GS step blurs with sigma drawn from blur_sigma * U(1 - j, 1 + j).
+    # The draws come from the Purifier's seeded generator, fresh per call; evaluate them under EOT.
+    random_start: bool = False
+    blur_sigma_jitter: float = 0.0
     preset: str = "cifar10"
 
     def __post_init__(self) -> None:
-        for name in ("eps", "gs_step", "ap_step", "blur_sigma", "ila_weight", "lpips_weight", "momentum", "ila_norm_eps"):
+        for name in ("eps", "gs_step", "ap_step", "blur_sigma", "ila_weight", "lpips_weight", "momentum", "ila_norm_eps",
+                     "blur_sigma_jitter"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
                 raise ConfigError(f"config.{name} must be a finite number (float32 range), got {v!r}")
@@ -58,22 +64,30 @@ class ZeroPurConfig:
         for name in ("blur_sigma", "ila_weight", "lpips_weight", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.blur_sigma_jitter < 1:
+            raise ConfigError(f"config.blur_sigma_jitter is a fraction of blur_sigma in [0, 1), got {self.blur_sigma_jitter}")
         try:  # the kernels' own rule: a sigma whose box filter overflows their integer weights is no blur
             from zeropur_rt.kernels.numpy_twin import blur_weights
-            blur_weights(float(self.blur_sigma))
+            blur_weights(float(self.blur_sigma) * (1 + self.blur_sigma_jitter))
         except ValueError:
-            raise ConfigError(f"config.blur_sigma {self.blur_sigma!r} is beyond what the blur kernels take "
-                              "(its box filter overflows their integer weights)") from None
+            raise ConfigError(f"config.blur_sigma {self.blur_sigma!r} (jitter {self.blur_sigma_jitter!r}) is beyond what "
+                              "the blur kernels take (its box filter overflows their integer weights)") from None
         for name in ("gs_steps", "ap_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"config.{name} must be an integer >= 0, got {v!r}")
         if not isinstance(self.l1_scope, str) or self.l1_scope not in ("sample", "batch"):
             raise ConfigError(f"config.l1_scope must be 'sample' or 'batch', got {self.l1_scope!r}")
-        if not isinstance(self.ila_normalized, bool):
-            raise ConfigError(f"config.ila_normalized must be true or false, got {self.ila_normalized!r}")
+        for name in ("ila_normalized", "random_start"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.preset, str):
             raise ConfigError(f"config.preset must be a name, got {self.preset!r}")
+
+    @property
+    def randomised(self) -> bool:
+        """Whether each purification draws (a random start or a jittered blur sigma)."""
+        return self.random_start or self.blur_sigma_jitter > 0
 
     def replace(self, **overrides: Any) -> "ZeroPurConfig":
         """A copy with ``overrides``; AP's step follows eps and the AP step count (see ``ap_step_for``)

@@ -90,6 +90,9 @@ class ContinuousScheduler:
         if purifier.cfg.l1_scope != "sample":
             raise ConfigError("continuous batching needs per-sample math: l1_scope='batch' couples the samples "
                              "of a batch (each image's result would depend on which others share its step)")
+        if purifier.cfg.randomised:
+            raise ConfigError("continuous batching runs deterministic configs: random_start / blur_sigma_jitter draw "
+                             "per whole-batch call (use Purifier.purify)")
         self.pur, self.cfg = purifier, purifier.cfg
         self.capacity = int(capacity or purifier.max_batch)
         if not 1 <= self.capacity <= purifier.max_batch:

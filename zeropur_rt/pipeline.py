@@ -80,7 +80,7 @@ class Purifier:
 
     def __init__(self, runner: Any, kernels: Any, cfg: ZeroPurConfig, *, input_shape: tuple[int, int, int],
                  batch: Mapping[str, int], has_ap: bool, manifest: Manifest | None = None, cuda_graph: bool = True,
-                 max_cached_batches: int = 4):
+                 max_cached_batches: int = 4, seed: int | None = None):
         if cfg.ap_steps > 0 and not has_ap:
             raise ConfigError("this victim has no Adaptive Projection graphs (Guided Shift only): use ap_steps=0")
         self.runner, self.kernels, self.cfg, self.manifest = runner, kernels, cfg, manifest
@@ -90,18 +90,21 @@ class Purifier:
         self.has_ap = has_ap
         self.cuda_graph = bool(cuda_graph) and getattr(runner, "on_device", False)
         self.max_cached_batches = max(1, int(max_cached_batches))
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)  # a randomised config's draws, fresh per call (see schedule.draw)
         self._states: OrderedDict[int, _BatchState] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
              kernels: str = "auto", threads: int | None = None, overrides: dict[str, Any] | None = None,
-             cuda_graph: bool = True, **runner_kwargs: Any) -> "Purifier":
+             cuda_graph: bool = True, seed: int | None = None, **runner_kwargs: Any) -> "Purifier":
         """Verify the artifact directory (manifest + every file hash), then build the runner and kernels.
 
         ``device``: "cpu" (default for onnxruntime) or "cuda[:N]" (default for tensorrt). ``overrides``
         changes loop parameters (steps, eps, step sizes, sigma) without re-export; the loss weights baked
-        into the graphs are refused.
+        into the graphs are refused. ``seed`` seeds a randomised config's draws (``random_start``,
+        ``blur_sigma_jitter``); a deterministic config draws nothing.
         """
         from zeropur_rt.runners import load_runner
         d = Path(artifact_dir)
@@ -109,18 +112,19 @@ class Purifier:
         device = device or ("cuda" if backend == "tensorrt" else "cpu")
         runner = load_runner(backend, d, manifest, device, threads, **runner_kwargs)
         try:
-            return cls.from_manifest(manifest, runner, kernels, overrides, cuda_graph)
+            return cls.from_manifest(manifest, runner, kernels, overrides, cuda_graph, seed)
         except BaseException:
             runner.close()
             raise
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, runner: Any, kernels: str = "auto",
-                      overrides: dict[str, Any] | None = None, cuda_graph: bool = True) -> "Purifier":
+                      overrides: dict[str, Any] | None = None, cuda_graph: bool = True,
+                      seed: int | None = None) -> "Purifier":
         """A purifier over an artifact's graphs on any runner (the build-time torch runner included)."""
         cfg = apply_overrides(manifest.zeropur_config, overrides, baked=True)
         return cls(runner, make_kernels(kernels, runner), cfg, input_shape=manifest.input_shape, batch=manifest.batch,
-                   has_ap="ap_grad" in manifest.graphs, manifest=manifest, cuda_graph=cuda_graph)
+                   has_ap="ap_grad" in manifest.graphs, manifest=manifest, cuda_graph=cuda_graph, seed=seed)
 
     # ------------------------------------------------------------------ input handling
     def prepare(self, x: Any, uint8_nhwc: bool = False) -> np.ndarray:
@@ -152,6 +156,14 @@ class Purifier:
         self.runner.release([b for _, b in st.bufs.items()], st.bufs.n)
 
     # ------------------------------------------------------------------ the loop
+    def draw(self, shape: tuple[int, ...]) -> schedule.Draw | None:
+        """The next purification's draws for images of ``shape`` (None for a deterministic config)."""
+        return schedule.draw(self.cfg, shape, self.rng)
+
+    def reseed(self, seed: int | None) -> None:
+        """Restart the draws from ``seed``: a run that reseeds per chunk draws the same after a resume."""
+        self.seed, self.rng = seed, np.random.default_rng(seed)
+
     @_serialised
     def _loop(self, x_in: np.ndarray, classify: bool, timings: bool, iterates: bool
               ) -> tuple[np.ndarray, np.ndarray | None, StageTimes | None, Iterates | None]:
@@ -168,12 +180,13 @@ class Purifier:
                 trace.coarse = a
             else:
                 (trace.gs_x if stage == "gs" else trace.ap_x).append(a)
-        eager = timings or iterates or not self.cuda_graph or st.capture_failed
+        drawn = self.draw(x_in.shape)
+        eager = timings or iterates or not self.cuda_graph or st.capture_failed or drawn is not None
         if st.replay is not None and not eager:
             st.replay.launch()
             out = st.result
         else:
-            out = schedule.purify(r, k, b, cfg, clock, observe if trace is not None else None)
+            out = schedule.purify(r, k, b, cfg, clock, observe if trace is not None else None, drawn)
         logits = None
         if classify:
             schedule.classify(r, b, out)
@@ -208,7 +221,8 @@ class Purifier:
         b = self._state(len(x_in)).bufs
         self.runner.upload(b.x_in, x_in)
         self.runner.upload(b.x, c)
-        schedule.adaptive_projection(self.runner, self.kernels, b, self.cfg)
+        schedule.adaptive_projection(self.runner, self.kernels, b, self.cfg,
+                                     drawn=self.draw(x_in.shape))
         return self.runner.download(b.fine)
 
     def logits(self, x: Any) -> np.ndarray:

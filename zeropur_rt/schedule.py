@@ -132,15 +132,49 @@ NO_CLOCK = _NoClock()
 Observer = Callable[[str, int, Buffer], None]  # (stage "gs" | "coarse" | "ap", step, the iterate's buffer)
 
 
-def gs_begin(runner: Runner, b: LoopBuffers) -> None:
-    """Guided Shift starts from the input with no momentum."""
-    runner.copy(b.x, b.x_in)
+@dataclass(frozen=True)
+class Draw:
+    """A randomised config's choices for one purification: the offsets (inside the eps ball) added to the
+    input where Guided Shift and Adaptive Projection start, and the blur sigma of each Guided Shift step."""
+
+    gs_offset: np.ndarray | None
+    ap_offset: np.ndarray | None
+    sigmas: tuple[float, ...]
+
+
+def draw(cfg: ZeroPurConfig, shape: tuple[int, ...], rng: np.random.Generator) -> Draw | None:
+    """One purification's draws for images of ``shape``; None for a deterministic config (no draw at all,
+    so a deterministic run consumes nothing from ``rng``)."""
+    if not cfg.randomised:
+        return None
+
+    def offset() -> np.ndarray | None:
+        return rng.uniform(-cfg.eps, cfg.eps, shape).astype(np.float32) if cfg.random_start else None
+    j = cfg.blur_sigma_jitter
+    sigmas = cfg.blur_sigma * rng.uniform(1 - j, 1 + j, cfg.gs_steps) if j > 0 else [cfg.blur_sigma] * cfg.gs_steps
+    return Draw(offset(), offset() if cfg.ap_steps > 0 else None, tuple(float(v) for v in sigmas))
+
+
+def _start(runner: Runner, dst: Buffer, x_in: Buffer, offset: np.ndarray | None) -> None:
+    """``dst`` = the input, or the input moved by ``offset`` and clipped to [0, 1]. The offset is added on the
+    host: a randomised run is eager anyway (a captured graph would replay one draw)."""
+    if offset is None:
+        runner.copy(dst, x_in)
+    else:
+        runner.upload(dst, np.clip(runner.download(x_in) + offset, 0.0, 1.0).astype(np.float32))
+
+
+def gs_begin(runner: Runner, b: LoopBuffers, offset: np.ndarray | None = None) -> None:
+    """Guided Shift starts from the input (moved by ``offset`` under a random start) with no momentum."""
+    _start(runner, b.x, b.x_in, offset)
     runner.zero(b.m)
 
 
-def gs_step(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig, clock: Any = NO_CLOCK) -> None:
-    """One Guided Shift step on every sample of ``b``: re-blur, gradient toward the blur, sign step."""
-    kernels.blur(b.x, b.x_blur, cfg.blur_sigma)
+def gs_step(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig, clock: Any = NO_CLOCK,
+            sigma: float | None = None) -> None:
+    """One Guided Shift step on every sample of ``b``: re-blur (at ``sigma``, else the config's), gradient
+    toward the blur, sign step."""
+    kernels.blur(b.x, b.x_blur, cfg.blur_sigma if sigma is None else sigma)
     clock.lap("blur")
     runner.run("gs_grad", {"x": b.x, "x_blur": b.x_blur}, {"grad": b.gs_grad, "loss": b.gs_loss})
     clock.lap("gs_engine")
@@ -148,11 +182,11 @@ def gs_step(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConf
     clock.lap("gs_update")
 
 
-def ap_begin(runner: Runner, b: LoopBuffers, clock: Any = NO_CLOCK) -> None:
+def ap_begin(runner: Runner, b: LoopBuffers, clock: Any = NO_CLOCK, offset: np.ndarray | None = None) -> None:
     """Adaptive Projection's constants from the input and the coarse image in ``b.x``; ``b.fine`` restarts
-    from the input."""
+    from the input (moved by ``offset`` under a random start)."""
     runner.run("ap_setup", {"x_in": b.x_in, "coarse": b.x}, b.ap_consts)
-    runner.copy(b.fine, b.x_in)
+    _start(runner, b.fine, b.x_in, offset)
     clock.lap("ap_setup")
 
 
@@ -169,23 +203,23 @@ def ap_step(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConf
 
 
 def guided_shift(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,
-                 clock: Any = NO_CLOCK, observe: Observer | None = None) -> None:
+                 clock: Any = NO_CLOCK, observe: Observer | None = None, drawn: Draw | None = None) -> None:
     """Guided Shift: leaves the coarse image in ``b.x``. ``observe("gs", t, x)`` sees the input of step t,
     ``observe("coarse", gs_steps, x)`` the result."""
-    gs_begin(runner, b)
+    gs_begin(runner, b, drawn and drawn.gs_offset)
     for t in range(cfg.gs_steps):
         if observe:
             observe("gs", t, b.x)
-        gs_step(runner, kernels, b, cfg, clock)
+        gs_step(runner, kernels, b, cfg, clock, drawn and drawn.sigmas[t])
     if observe:
         observe("coarse", cfg.gs_steps, b.x)
 
 
 def adaptive_projection(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,
-                        clock: Any = NO_CLOCK, observe: Observer | None = None) -> None:
+                        clock: Any = NO_CLOCK, observe: Observer | None = None, drawn: Draw | None = None) -> None:
     """Adaptive Projection from ``b.x_in`` along the coarse image in ``b.x``: leaves the result in ``b.fine``.
     ``observe("ap", t, fine)`` sees the input of step t."""
-    ap_begin(runner, b, clock)
+    ap_begin(runner, b, clock, drawn and drawn.ap_offset)
     for t in range(cfg.ap_steps):
         if observe:
             observe("ap", t, b.fine)
@@ -193,14 +227,14 @@ def adaptive_projection(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg:
 
 
 def purify(runner: Runner, kernels: KernelSet, b: LoopBuffers, cfg: ZeroPurConfig,
-           clock: Any = NO_CLOCK, observe: Observer | None = None) -> Buffer:
+           clock: Any = NO_CLOCK, observe: Observer | None = None, drawn: Draw | None = None) -> Buffer:
     """The whole loop on ``b.x_in``; returns the buffer holding the purified images (the coarse image
-    when ``ap_steps == 0``)."""
+    when ``ap_steps == 0``). A randomised config runs with ``drawn`` (``draw``)."""
     clock.start()
-    guided_shift(runner, kernels, b, cfg, clock, observe)
+    guided_shift(runner, kernels, b, cfg, clock, observe, drawn)
     if cfg.ap_steps == 0:
         return b.x
-    adaptive_projection(runner, kernels, b, cfg, clock, observe)
+    adaptive_projection(runner, kernels, b, cfg, clock, observe, drawn)
     return b.fine
 
 

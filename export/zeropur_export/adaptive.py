@@ -257,19 +257,23 @@ def _acc(total: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor | N
     return total if g is None else (g if total is None else total + g)
 
 
-def unrolled_purify_graph(victim: Victim, cfg: ZeroPurConfig, x_in: torch.Tensor) -> torch.Tensor:
+def unrolled_purify_graph(victim: Victim, cfg: ZeroPurConfig, x_in: torch.Tensor,
+                          drawn: schedule.Draw | None = None) -> torch.Tensor:
     """The whole loop as one autograd graph (every step's double graph held at once): the plain
-    definition that ``UnrolledPurify``'s step-by-step backward is tested against. Small inputs only."""
+    definition that ``UnrolledPurify``'s step-by-step backward is tested against. Small inputs only.
+    A random start is added on the host (``schedule``), so this graph holds no path through it."""
     runner, b = _tape(victim, cfg, x_in, graph=True)
-    return schedule.purify(runner, TapeKernels(), b, cfg).t
+    return schedule.purify(runner, TapeKernels(), b, cfg, drawn=drawn).t
 
 
 class UnrolledPurify(torch.autograd.Function):
     """The schedule's loop on the tape runner; backward = the exact chain rule (straight-through sign and
-    blur), re-running one step at a time from the iterates the forward kept."""
+    blur), re-running one step at a time from the iterates the forward kept, with the forward's draws.
+    A random start's clip passes the gradient straight through, like the sign."""
 
     @staticmethod
-    def forward(ctx: Any, x_in: torch.Tensor, victim: Victim, cfg: ZeroPurConfig) -> torch.Tensor:  # noqa: D102
+    def forward(ctx: Any, x_in: torch.Tensor, victim: Victim, cfg: ZeroPurConfig,  # noqa: D102
+                drawn: schedule.Draw | None = None) -> torch.Tensor:
         runner, b = _tape(victim, cfg, x_in.detach(), graph=False)
         gs_states: list[tuple[torch.Tensor, torch.Tensor]] = []
         ap_states: list[torch.Tensor] = []
@@ -280,13 +284,14 @@ class UnrolledPurify(torch.autograd.Function):
             elif stage == "ap":
                 ap_states.append(b.fine.t)
 
-        out = schedule.purify(runner, TapeKernels(), b, cfg, observe=keep).t
+        out = schedule.purify(runner, TapeKernels(), b, cfg, observe=keep, drawn=drawn).t
         ctx.victim, ctx.cfg, ctx.gs_states, ctx.ap_states, ctx.coarse = victim, cfg, gs_states, ap_states, b.x.t
+        ctx.sigmas = drawn.sigmas if drawn else [None] * len(gs_states)
         ctx.save_for_backward(x_in)
         return out.detach().clone()
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # noqa: D102
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # noqa: D102
         (x_in,) = ctx.saved_tensors
         cfg, kernels = ctx.cfg, TapeKernels()
         runner, b = _tape(ctx.victim, cfg, x_in.detach(), graph=True)
@@ -316,25 +321,29 @@ class UnrolledPurify(torch.autograd.Function):
                                         allow_unused=True) if used else (None, None)
                 adj_in, adj_x = _acc(adj_in, g[0]), g[1] if g[1] is not None else torch.zeros_like(x_in)
             adj_m: torch.Tensor | None = None
-            for x, m in reversed(ctx.gs_states):
+            for (x, m), sigma in reversed(list(zip(ctx.gs_states, ctx.sigmas))):
                 xl, ml, xi = _leaf(x), _leaf(m), _leaf(x_in)
                 b.x.t, b.m.t, b.x_in.t = xl, ml, xi
-                schedule.gs_step(runner, kernels, b, cfg)
+                schedule.gs_step(runner, kernels, b, cfg, sigma=sigma)
                 outs, adjs = ([b.x.t], [adj_x]) if adj_m is None else ([b.x.t, b.m.t], [adj_x, adj_m])
                 g = torch.autograd.grad(outs, [xl, ml, xi], grad_outputs=adjs, allow_unused=True)
                 adj_x = g[0] if g[0] is not None else torch.zeros_like(x_in)
                 adj_m, adj_in = g[1], _acc(adj_in, g[2])
         adj_in = _acc(adj_in, adj_x)  # GS starts from the input
-        return adj_in, None, None
+        return adj_in, None, None, None
 
 
-class UnrolledModel(nn.Module):
-    """victim(reference loop(x)) with the full gradient through the loop (see ``UnrolledPurify``)."""
+class UnrolledModel(_Purified):
+    """victim(reference loop(x)) with the full gradient through the loop (see ``UnrolledPurify``). A randomised
+    ``cfg`` takes its draws from ``draw`` (e.g. the runtime purifier's ``draw``, so both share one seed)."""
 
-    def __init__(self, victim: Victim, cfg: ZeroPurConfig):
-        super().__init__()
-        self.victim, self.cfg = victim, cfg
+    def __init__(self, victim: Victim, cfg: ZeroPurConfig, eot: int = 1,
+                 draw: Callable[[tuple[int, ...]], schedule.Draw | None] | None = None):
+        super().__init__(victim, eot)
+        self.cfg = cfg
+        rng = np.random.default_rng(0)
+        self.draw = draw or (lambda shape: schedule.draw(cfg, shape, rng))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def sample(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         xv = x.to(self.victim.mean.dtype)
-        return self.victim(UnrolledPurify.apply(xv, self.victim, self.cfg)).to(x.dtype)
+        return self.victim(UnrolledPurify.apply(xv, self.victim, self.cfg, self.draw(tuple(xv.shape)))).to(x.dtype)

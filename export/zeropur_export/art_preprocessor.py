@@ -29,11 +29,12 @@ path supports exactly one preprocessing defence (optionally followed by a mean/s
 standardisation), so build the classifier with ``preprocessing=None`` (the zoo victims normalise
 inside). ``ProjectedGradientDescent`` then picks its numpy implementation, which is what we want.
 
-EOT: ZeroPur is deterministic, so one sample per step is exact (the default). For a randomised
-purifier, ``bpda_classifier(..., eot_samples=k)`` returns a classifier whose ``loss_gradient``
-averages ``k`` BPDA gradients, each with a fresh purification of the same input. ART's APGD re-wraps
-its estimator as a plain ``PyTorchClassifier`` and so drops that averaging; ``zeropur-export eval``
-uses the torch modules of ``zeropur_export.adaptive`` instead, which keep their gradient under any attack.
+EOT: every shipped recipe is deterministic, so one sample per step is exact (the default). For a
+randomised purifier (``random_start`` / ``blur_sigma_jitter``), ``bpda_classifier(..., eot_samples=k)``
+returns a classifier whose ``loss_gradient`` averages ``k`` BPDA gradients, each with a fresh
+purification of the same input. ART's APGD re-wraps its estimator as a plain ``PyTorchClassifier`` and
+so drops that averaging; ``zeropur-export eval`` uses the torch modules of ``zeropur_export.adaptive``
+instead, which keep their gradient under any attack.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.files import atomic_write_json
 from zeropur_rt.progress import progress
 
@@ -115,7 +116,7 @@ class Crafter:
             elif kind == "traj":
                 m = adaptive.TrajectoryBPDAModel(self.victim, self.pur, self.o.trajectory_points, eot=self.o.eot)
             else:
-                m = adaptive.UnrolledModel(self.victim, self.pur.cfg)
+                m = adaptive.UnrolledModel(self.victim, self.pur.cfg, eot=self.o.eot, draw=self.pur.draw)
             self._models[kind] = self._art(m, self.k, self.chw)
         return self._models[kind]
 
@@ -127,6 +128,7 @@ class Crafter:
         import torch
         np.random.seed(seed)  # ART draws its random starts from numpy's global generator
         torch.manual_seed(seed)
+        self.pur.reseed(seed)  # a randomised purifier's draws, per chunk: a resumed run draws the same
         p = self.params(name)
         if name in ("pgd", "pgd-first"):
             from zeropur_export.attacks import pgd_linf
@@ -161,6 +163,8 @@ class Ledger:
         head = self.root / "run.json"
         if head.exists() and not fresh:
             old = json.loads(head.read_text())
+            if isinstance(old.get("purifier_config"), dict):  # a config field added since then takes its default
+                old["purifier_config"] = ZeroPurConfig.from_dict(old["purifier_config"]).to_dict()
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if diff:
                 raise ValueError(f"{self.root} holds a run made with other settings ({', '.join(diff)} differ); "

@@ -90,7 +90,7 @@ def ensure_artifacts(model: str, out_dir: str | Path, cfg: ZeroPurConfig | None 
         m = load_manifest(out_dir)
         if m.model != model:
             raise ValueError(f"{out_dir} holds {m.model}, not {model}; remove it or pick another --artifacts dir")
-        if cfg is not None and m.config != cfg.to_dict():
+        if cfg is not None and m.zeropur_config != cfg:  # dataclasses: a field added since export takes its default
             raise ValueError(f"{out_dir} was exported with another config; remove it or pick another --artifacts dir")
         return out_dir
     from zeropur_export.onnx_export import export_artifacts

@@ -222,7 +222,7 @@ class ReferencePurifier:
     (``TorchRunner``) and its torch update twins, in the victim's precision (float64 for the truth).
     ``ap_mode='recompute'`` reproduces the released code's cost."""
 
-    def __init__(self, victim: Victim, cfg: ZeroPurConfig, ap_mode: APMode = "lean"):
+    def __init__(self, victim: Victim, cfg: ZeroPurConfig, ap_mode: APMode = "lean", seed: int | None = None):
         from zeropur_export.torch_runner import TorchRunner
         from zeropur_rt.pipeline import Purifier
         if cfg.ap_steps > 0 and not victim.spec.supports_ap:
@@ -231,7 +231,8 @@ class ReferencePurifier:
         device = "cpu" if victim.mean.device.type == "cpu" else f"cuda:{victim.mean.device.index or 0}"
         self.runner = TorchRunner(victim, cfg, device, ap_mode=ap_mode)
         self.pipeline = Purifier(self.runner, TorchKernels(self.runner.tensor), cfg, input_shape=victim.spec.input_shape,
-                                 batch={"min": 1, "max": 1 << 30}, has_ap=victim.spec.supports_ap, cuda_graph=False)
+                                 batch={"min": 1, "max": 1 << 30}, has_ap=victim.spec.supports_ap, cuda_graph=False,
+                                 seed=seed)
 
     def gs_grad(self, x: torch.Tensor, x_blur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return input_grad(lambda v: gs_loss(self.victim, v, x_blur), x)
