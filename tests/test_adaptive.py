@@ -100,8 +100,10 @@ def test_unrolled_model_under_a_random_start_averages_its_draws(victim20, cifar)
     purifications that each start somewhere else in the eps ball, and the gradient is finite."""
     cfg = ZeroPurConfig(gs_steps=1, ap_steps=1, random_start=True)
     x = torch.from_numpy(cifar[0][:2])
-    m = adaptive.UnrolledModel(victim20, cfg, eot=3, draw=lambda shape: schedule.draw(cfg, shape, np.random.default_rng(1)))
-    same = adaptive.UnrolledModel(victim20, cfg, eot=1, draw=lambda shape: schedule.draw(cfg, shape, np.random.default_rng(1)))
+    def seed_1(shape):
+        return schedule.draw(cfg, shape, np.random.default_rng(1))
+    m = adaptive.UnrolledModel(victim20, cfg, eot=3, draw=seed_1)
+    same = adaptive.UnrolledModel(victim20, cfg, eot=1, draw=seed_1)
     with torch.no_grad():
         torch.testing.assert_close(m(x), same(x))  # three identical draws average to one
     rng = np.random.default_rng(2)

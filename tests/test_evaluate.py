@@ -176,7 +176,8 @@ def test_randomised_purifier_under_eot_resumes_to_the_same_figures(art20, tmp_pa
     lost chunk recomputed alone gives the figures the whole run gave."""
     out = tmp_path / "rand"
     cmd = ["eval", "--artifacts", str(art20), "--rows", "0:4", "--batch", "2", "--attacks", "bpda-apgd-ce",
-           "unrolled-apgd-ce", "--adaptive-iter", "2", "--eot", "2", "--unrolled-n", "2", "--seed", "1", "--out", str(out),
+           "unrolled-apgd-ce", "--adaptive-iter", "2", "--eot", "2", "--unrolled-n", "2", "--seed", "1",
+           "--out", str(out),
            *FAST, "--set", "random_start=true", "blur_sigma_jitter=0.5"]
     assert main(cmd) == 0, capsys.readouterr().err
     res = json.loads((out / "eval.json").read_text())

@@ -315,7 +315,8 @@ def test_draws_follow_the_config():
     d = schedule.draw(det.replace(random_start=True, ap_steps=0), (2, 3, 4, 4), rng)
     assert d.sigmas == (det.blur_sigma,) * 4 and d.ap_offset is None
     assert d.gs_offset.dtype == np.float32 and np.abs(d.gs_offset).max() <= det.eps and d.gs_offset.std() > det.eps / 3
-    for bad, msg in ((dict(blur_sigma_jitter=1.0), "blur_sigma_jitter"), (dict(blur_sigma_jitter=-0.1), "blur_sigma_jitter"),
+    for bad, msg in ((dict(blur_sigma_jitter=1.0), "blur_sigma_jitter"),
+                     (dict(blur_sigma_jitter=-0.1), "blur_sigma_jitter"),
                      (dict(random_start="yes"), "random_start must be true or false")):
         with pytest.raises(ConfigError, match=msg):
             ZeroPurConfig(**bad)

@@ -65,13 +65,14 @@ class ZeroPurConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"config.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.blur_sigma_jitter < 1:
-            raise ConfigError(f"config.blur_sigma_jitter is a fraction of blur_sigma in [0, 1), got {self.blur_sigma_jitter}")
+            raise ConfigError("config.blur_sigma_jitter is a fraction of blur_sigma in [0, 1), "
+                              f"got {self.blur_sigma_jitter}")
         try:  # the kernels' own rule: a sigma whose box filter overflows their integer weights is no blur
             from zeropur_rt.kernels.numpy_twin import blur_weights
             blur_weights(float(self.blur_sigma) * (1 + self.blur_sigma_jitter))
         except ValueError:
-            raise ConfigError(f"config.blur_sigma {self.blur_sigma!r} (jitter {self.blur_sigma_jitter!r}) is beyond what "
-                              "the blur kernels take (its box filter overflows their integer weights)") from None
+            raise ConfigError(f"config.blur_sigma {self.blur_sigma!r} (jitter {self.blur_sigma_jitter!r}) is beyond "
+                              "what the blur kernels take (its box filter overflows their integer weights)") from None
         for name in ("gs_steps", "ap_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: --adaptive-n)")
     ap.add_argument("--bpda-steps", type=int, default=20, help="BPDA-PGD steps")
     ap.add_argument("--trajectory-points", type=int, default=8, help="iterates the trajectory BPDA averages over")
-    ap.add_argument("--eot", type=int, default=1, help="EOT draws per adaptive gradient, for a randomised config (--set random_start=true ...); 1 is exact for a deterministic one")
+    ap.add_argument("--eot", type=int, default=1, help="EOT draws per adaptive gradient, for a randomised config "
+                    "(--set random_start=true ...); 1 is exact for a deterministic one")
     ap.add_argument("--fresh", action="store_true", help="discard this --out's finished chunks instead of resuming")
     ap.add_argument("--batch", type=int, default=32, help="images per attack / purifier call (<= artifact max batch)")
     ap.add_argument("--seed", type=int, default=0)
