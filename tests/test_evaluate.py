@@ -194,3 +194,19 @@ def test_randomised_purifier_under_eot_resumes_to_the_same_figures(art20, tmp_pa
         if r["group"] != "worst":
             assert r["chunks_resumed"] == r["chunks"] - 1
         assert r["correct_purified"] == rows[r["attack"]]["correct_purified"] and r["linf"] == rows[r["attack"]]["linf"]
+
+
+def test_resume_compares_settings_as_the_run_meant_them(tmp_path, monkeypatch):
+    """The run that exports the artifact is handed its absolute path, the rerun the relative one; a state made
+    before a config field existed has that field at its default. Neither is another run; other values are."""
+    from zeropur_export.attack_suite import Ledger
+    from zeropur_rt.config import ZeroPurConfig
+    monkeypatch.chdir(tmp_path)
+    cfg = ZeroPurConfig().to_dict()
+    older = {k: v for k, v in cfg.items() if k not in ("random_start", "blur_sigma_jitter")}
+    Ledger(tmp_path / "state", dict(artifact_dir=str(tmp_path / "artifacts" / "r20"), purifier_config=older))
+    Ledger(tmp_path / "state", dict(artifact_dir="artifacts/r20", purifier_config=cfg))
+    with pytest.raises(ValueError, match="artifact_dir differ"):
+        Ledger(tmp_path / "state", dict(artifact_dir="artifacts/r56", purifier_config=cfg))
+    with pytest.raises(ValueError, match="purifier_config differ"):
+        Ledger(tmp_path / "state", dict(artifact_dir="artifacts/r20", purifier_config={**cfg, "random_start": True}))

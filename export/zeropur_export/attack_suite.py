@@ -155,16 +155,26 @@ class Crafter:
         return [self._apgd(self._model(name.split("-", 1)[0]), p).generate(x, y)]
 
 
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Run settings as a resume compares them: the artifact as an absolute path (the run that exports it is
+    handed one, a later run the relative one), the config with any field added since taking its default."""
+    s = dict(settings)
+    if isinstance(s.get("artifact_dir"), str):
+        s["artifact_dir"] = str(Path(s["artifact_dir"]).resolve())
+    if isinstance(s.get("purifier_config"), dict):
+        s["purifier_config"] = ZeroPurConfig.from_dict(s["purifier_config"]).to_dict()
+    return s
+
+
 class Ledger:
     """The resumable state of one run: ``root/run.json`` (the settings) and one JSON per finished chunk."""
 
     def __init__(self, root: Path, settings: dict[str, Any], fresh: bool = False):
         self.root = Path(root)
         head = self.root / "run.json"
+        settings = _comparable(settings)
         if head.exists() and not fresh:
-            old = json.loads(head.read_text())
-            if isinstance(old.get("purifier_config"), dict):  # a config field added since then takes its default
-                old["purifier_config"] = ZeroPurConfig.from_dict(old["purifier_config"]).to_dict()
+            old = _comparable(json.loads(head.read_text()))
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             if diff:
                 raise ValueError(f"{self.root} holds a run made with other settings ({', '.join(diff)} differ); "

@@ -65,8 +65,9 @@ def recipe_config(model: str, recipe: str) -> tuple[str, ZeroPurConfig, dict[str
 def describe(cfg: ZeroPurConfig) -> str:
     """The recipe in one line, in the units the README's tables use."""
     ila = f"ILA {cfg.ila_weight:g}" + (" (normalised)" if cfg.ila_normalized else "")
-    return (f"sigma {cfg.blur_sigma:g}, eps {cfg.eps * 255:.3g}/255, GS {cfg.gs_steps} x {cfg.gs_step * 255:.3g}/255, "
-            f"AP {cfg.ap_steps} x {cfg.ap_step * 255:.3g}/255, {ila}")
+    sigma = f"sigma {cfg.blur_sigma:g}" + (f" x U(1 -/+ {cfg.blur_sigma_jitter:g})" if cfg.blur_sigma_jitter else "")
+    return (f"{sigma}, eps {cfg.eps * 255:.3g}/255, GS {cfg.gs_steps} x {cfg.gs_step * 255:.3g}/255, "
+            f"AP {cfg.ap_steps} x {cfg.ap_step * 255:.3g}/255, {ila}" + (", random start" if cfg.random_start else ""))
 
 
 def recipe_artifacts(model: str, recipe: str, artifacts: str | Path | None = None,

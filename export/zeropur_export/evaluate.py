@@ -35,7 +35,8 @@ from typing import Any, Callable
 import numpy as np
 
 from zeropur_export.attack_suite import ATTACKS, WORST, bits
-from zeropur_rt.config import parse_sets
+from zeropur_export.build import describe
+from zeropur_rt.config import ZeroPurConfig, parse_sets
 from zeropur_rt.files import atomic_write_json, atomic_write_text
 from zeropur_rt.progress import progress
 
@@ -250,8 +251,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"### {res['model']}: robust accuracy, L-inf eps {res['eps_255']:g}/255",
              "",
              f"Test rows {res['rows'][0]}:{res['rows'][1]} ({res['n']} images), seed {res['seed']}, purifier "
-             f"{res['backend']} ({res['threads']} threads), GS {cfg['gs_steps']} x {cfg['gs_step'] * 255:.3g}/255, "
-             f"AP {cfg['ap_steps']} x {cfg['ap_step'] * 255:.3g}/255, eps {cfg['eps'] * 255:.3g}/255. Robust = "
+             f"{res['backend']} ({res['threads']} threads), {describe(ZeroPurConfig.from_dict(cfg))}. Robust = "
              "classified right after purification for every candidate the attack made.",
              "",
              "| attack | kind | images | iterations | no purification | ZeroPur | attack s | purify s |",
