@@ -90,7 +90,6 @@ class Purifier:
         self.has_ap = has_ap
         self.cuda_graph = bool(cuda_graph) and getattr(runner, "on_device", False)
         self.max_cached_batches = max(1, int(max_cached_batches))
-        self.seed = seed
         self.rng = np.random.default_rng(seed)  # a randomised config's draws, fresh per call (see schedule.draw)
         self._states: OrderedDict[int, _BatchState] = OrderedDict()
         self._lock = threading.Lock()
@@ -162,7 +161,7 @@ class Purifier:
 
     def reseed(self, seed: int | None) -> None:
         """Restart the draws from ``seed``: a run that reseeds per chunk draws the same after a resume."""
-        self.seed, self.rng = seed, np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
 
     @_serialised
     def _loop(self, x_in: np.ndarray, classify: bool, timings: bool, iterates: bool
