@@ -90,7 +90,7 @@ class Purifier:
         self.has_ap = has_ap
         self.cuda_graph = bool(cuda_graph) and getattr(runner, "on_device", False)
         self.max_cached_batches = max(1, int(max_cached_batches))
-        self.rng = np.random.default_rng(seed)  # a randomised config's draws, fresh per call (see schedule.draw)
+        self.reseed(seed)  # a randomised config's draws, fresh per call (see schedule.draw)
         self._states: OrderedDict[int, _BatchState] = OrderedDict()
         self._lock = threading.Lock()
 
