@@ -117,6 +117,42 @@ def test_eval_end_to_end_every_attack_resumable(art20, victim20, cifar, tmp_path
     assert _eval(art20, out, "--attacks", "pgd", "--eps", "4", "--fresh") == 0
 
 
+def test_cascade_attacks_the_survivors_only_and_resumes(art20, tmp_path, capsys):
+    """AutoAttack's protocol: each attack, cheapest first whatever the order asked, meets exactly the images
+    the clean image and every earlier attack left robust; no image comes back; a lost chunk of a survivors'
+    batch (rows not contiguous) is recomputed alone, to the same figures."""
+    out = tmp_path / "casc"
+    # No Guided Shift and 1/255: a purifier that keeps most clean images and a PGD step that breaks some, not all.
+    cmd = ["eval", "--artifacts", str(art20), "--rows", "0:12", "--batch", "3", "--attacks", "bpda-apgd-ce",
+           "unrolled-apgd-ce", "pgd", "--pgd-steps", "1", "--adaptive-iter", "2", "--eps", "1", "--seed", "2",
+           "--cascade", "--out", str(out), "--quiet", "--threads", "2", "--set", "gs_steps=0", "ap_steps=2"]
+    assert main(cmd) == 0, capsys.readouterr().err
+    res = json.loads((out / "eval.json").read_text())
+    stages = res["cascade"]
+    assert [s["attack"] for s in stages] == ["pgd", "bpda-apgd-ce", "unrolled-apgd-ce"] and res["attacks"] == []
+    alive = attack_suite.unbits(res["clean"]["correct_purified"])
+    assert 4 <= alive.sum() < 12 and 0 < stages[0]["broken"] < stages[0]["attacked"]
+    for s in stages:
+        after = attack_suite.unbits(s["correct_purified"])
+        assert s["attacked"] == alive.sum() and not (after & ~alive).any()
+        assert s["broken"] == alive.sum() - after.sum()
+        assert s["robust_acc_purified"] == pytest.approx(100 * after.mean())
+        files = sorted((out / "state" / f"cascade-{s['attack']}").glob("*.json"))
+        chunk_rows = [json.loads(f.read_text()).get("rows") or list(range(*map(int, f.stem.split("-"))))
+                      for f in files]
+        assert sum(chunk_rows, []) == list(np.flatnonzero(alive))
+        alive = after
+    md = (out / "eval.md").read_text()
+    assert f"**Worst case over every attack: {stages[-1]['robust_acc_purified']:.1f}%** of 12 images" in md
+    assert md.index("Worst case over every attack") < md.index("| pgd |") < md.index("| bpda-apgd-ce |")
+    scattered = [f for f in sorted((out / "state" / "cascade-pgd").glob("*.json")) if '"rows"' in f.read_text()]
+    scattered[0].unlink()
+    assert main(cmd) == 0
+    again = json.loads((out / "eval.json").read_text())["cascade"]
+    assert [s["chunks"] - s["chunks_resumed"] for s in again] == [1, 0, 0]
+    assert [s["correct_purified"] for s in again] == [s["correct_purified"] for s in stages]
+
+
 def _bad(tmp_path, *extra):
     out = tmp_path / "bad"
     rc = main(["eval", "--n", "4", "--out", str(out), *FAST, *extra])
@@ -129,7 +165,8 @@ def test_bad_attack_backend_rows_set(art20, tmp_path, capsys):
                        (["--rows", "5:2"], "--rows"),
                        (["--set", "nosuch=1"], "unknown config field 'nosuch'"),
                        (["--set", "gs_steps=two"], "--set gs_steps=two"),
-                       (["--set", "lpips_weight=2"], "lpips_weight is baked into the exported ap_grad graph")):
+                       (["--set", "lpips_weight=2"], "lpips_weight is baked into the exported ap_grad graph"),
+                       (["--cascade", "--adaptive-n", "2"], "--adaptive-n / --unrolled-n do not apply")):
         rc, out = _bad(tmp_path, "--artifacts", str(art20), *extra)
         err = capsys.readouterr().err
         assert rc != 0 and msg in err, (extra, err)

@@ -51,6 +51,11 @@ ATTACKS: dict[str, AttackSpec] = {
 }
 ADAPTIVE = tuple(k for k, v in ATTACKS.items() if v.group == "adaptive")
 WORST = "worst case (every attack)"
+# ``--cascade`` order: by purifications per image (1 for the attacks on a bare classifier, 9 for APGD-T,
+# about 20 / 100 / 500 for BPDA-PGD / BPDA-APGD / the unrolled gradient), so the costly attacks meet
+# only the few images the cheap ones left standing.
+CASCADE_ORDER = ("pgd-first", "pgd", "apgd-ce", "apgd-dlr", "transfer", "apgd-t", "bpda", "bpda-apgd-ce",
+                 "bpda-apgd-dlr", "traj-apgd-ce", "traj-apgd-dlr", "unrolled-apgd-ce", "unrolled-apgd-dlr")
 
 
 def bits(a: np.ndarray) -> str:
@@ -187,7 +192,9 @@ class Ledger:
     def _path(self, attack: str, start: int, stop: int) -> Path:
         return self.root / attack / f"{start:06d}-{stop:06d}.json"
 
-    def get(self, attack: str, start: int, stop: int, params: dict[str, Any]) -> dict[str, Any] | None:
+    def get(self, attack: str, start: int, stop: int, params: dict[str, Any],
+            rows: list[int] | None = None) -> dict[str, Any] | None:
+        """A finished chunk, or None. ``rows``: the chunk's rows where they are not all of start:stop."""
         f = self._path(attack, start, stop)
         if not f.exists():
             return None
@@ -195,21 +202,27 @@ class Ledger:
         if row.get("params") != json.loads(json.dumps(params)):
             raise ValueError(f"{f} was made with other {attack} settings ({row.get('params')} vs {params}); "
                              "pass --fresh to start over, or another --out")
+        if row.get("rows") != rows:
+            raise ValueError(f"{f} holds other images of rows {start}:{stop} than this run attacks (an earlier "
+                             "cascade stage changed?); pass --fresh to start over, or another --out")
         return row
 
     def put(self, attack: str, start: int, stop: int, row: dict[str, Any]) -> None:
         atomic_write_json(self._path(attack, start, stop), row)
 
 
-def run_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray, y: np.ndarray, first_row: int,
-               seed: int, batch: int, purified_pred: Callable[[np.ndarray], np.ndarray], quiet: bool) -> dict[str, Any]:
-    """One attack over (x, y) chunk by chunk (finished chunks read back), then purified and scored."""
+def run_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
+               seed: int, batch: int, purified_pred: Callable[[np.ndarray], np.ndarray], quiet: bool,
+               key: str = "") -> dict[str, Any]:
+    """One attack over (x, y), test rows ``rows`` (ascending), chunk by chunk (finished chunks read back under
+    ``key`` + name), then purified and scored."""
     params = crafter.params(name)
     chunks = [(i, min(len(x), i + batch)) for i in range(0, len(x), batch)]
     parts, resumed = [], 0
-    for a, b in progress(chunks, f"{name}", enabled=not quiet):
-        start, stop = first_row + a, first_row + b
-        row = ledger.get(name, start, stop, params)
+    for a, b in progress(chunks, f"{key}{name}", enabled=not quiet):
+        start, stop = int(rows[a]), int(rows[b - 1]) + 1
+        subset = None if stop - start == b - a else [int(r) for r in rows[a:b]]
+        row = ledger.get(key + name, start, stop, params, subset)
         if row is None:
             t0 = time.perf_counter()
             cands = crafter.craft(name, x[a:b], y[a:b], seed + start)
@@ -222,7 +235,9 @@ def run_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray, y: np
             with_pur = np.all([purified_pred(c) == y[a:b] for c in cands], 0)
             row = dict(params=params, seed=seed + start, candidates=len(cands), linf=linf, attack_s=t1 - t0,
                        purify_s=time.perf_counter() - t1, correct=bits(with_bare), correct_purified=bits(with_pur))
-            ledger.put(name, start, stop, json.loads(json.dumps(row)))
+            if subset is not None:
+                row["rows"] = subset
+            ledger.put(key + name, start, stop, json.loads(json.dumps(row)))
         else:
             resumed += 1
         parts.append(row)
@@ -251,3 +266,31 @@ def worst_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         attack_s=sum(r["attack_s"] for r in rs), purify_s=sum(r["purify_s"] for r in rs),
                         linf=max(r["linf"] for r in rs), correct=bits(bare), correct_purified=bits(pur)))
     return out
+
+
+def run_cascade(names: list[str], crafter: Crafter, ledger: Ledger, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
+                alive: np.ndarray, seed: int, batch: int, purified_pred: Callable[[np.ndarray], np.ndarray],
+                quiet: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """AutoAttack's protocol over the attack set: each attack in ``CASCADE_ORDER`` meets only the images
+    every earlier one left robust (``alive``: classified right after purification so far, the clean image
+    included). The images left at the end are exactly those the per-image worst case over every attack
+    keeps, at a fraction of the cost; each stage's figure is cumulative."""
+    alive = np.array(alive, dtype=bool)
+    stages = []
+    for name in sorted(names, key=CASCADE_ORDER.index):
+        idx = np.flatnonzero(alive)
+        stage: dict[str, Any] = dict(attack=name, group=ATTACKS[name].group, label=ATTACKS[name].label,
+                                     params=crafter.params(name), attacked=len(idx), attack_s=0.0, purify_s=0.0,
+                                     chunks=0, chunks_resumed=0, linf=0.0)
+        if len(idx):
+            r = run_attack(name, crafter, ledger, x[idx], y[idx], rows[idx], seed, batch, purified_pred, quiet,
+                           key="cascade-")
+            alive[idx[~unbits(r["correct_purified"])]] = False
+            stage.update({k: r[k] for k in ("attack_s", "purify_s", "chunks", "chunks_resumed", "linf")})
+        stage.update(robust_acc_purified=100 * float(alive.mean()), broken=len(idx) - int(alive.sum()),
+                     correct_purified=bits(alive))
+        stages.append(stage)
+        resumed = f", {stage['chunks_resumed']} of {stage['chunks']} chunks resumed" if stage["chunks_resumed"] else ""
+        log(f"cascade {name:17s}: {stage['attacked']} attacked, {stage['broken']} broken, "
+            f"{stage['robust_acc_purified']:5.1f}% left (attack {stage['attack_s']:.1f} s{resumed})")
+    return stages
