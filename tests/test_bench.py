@@ -14,11 +14,15 @@ TINY = ["--model", "resnet20", "--repeats", "1", "--warmup", "0", "--set", "gs_s
 
 def test_bench_tiny_writes_table_json_and_plot(art20, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", *TINY, "--artifacts", str(art20), "--batch", "1", "2", "--out", str(out)]) == 0
+    assert main(["bench", *TINY, "--artifacts", str(art20), "--batch", "1", "2", "--workers", "1", "2",
+                 "--out", str(out)]) == 0
     res = json.loads((out / "latency.json").read_text())
-    assert {(r["backend"], r["batch"]) for r in res["rows"]} == {(b, n) for b in ("released", "lean", "onnxruntime") for n in (1, 2)}
+    assert {(r["backend"], r["workers"], r["batch"]) for r in res["rows"]} == {
+        (b, w, n) for b, w in (("released", None), ("lean", None), ("onnxruntime", 1), ("onnxruntime", 2)) for n in (1, 2)}
     assert all(r["p50_s"] > 0 and r["speedup_vs_released"] > 0 for r in res["rows"])
-    assert (out / "latency.png").stat().st_size > 1000 and "| onnxruntime | 2 |" in (out / "latency.md").read_text()
+    md = (out / "latency.md").read_text()
+    assert (out / "latency.png").stat().st_size > 1000 and "| onnxruntime (2 workers) | 2 |" in md
+    assert "| onnxruntime (1 worker) | 2 |" in md and "| released | 2 |" in md
     # the runtime rows carry the Purifier's stage timings, every stage of the loop present
     for r in res["rows"]:
         assert ("stages_pct" in r) == (r["backend"] == "onnxruntime")

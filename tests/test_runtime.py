@@ -53,6 +53,35 @@ def test_numpy_and_host_kernels_give_identical_bytes(art20, cifar):
     assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.parametrize("randomised", [False, True])
+def test_workers_split_a_batch_and_give_the_unsplit_bytes(art20, cifar, randomised):
+    """Three one-thread workers on ten images (shards 3 / 4 / 3) give, image by image, the bytes one one-thread
+    session gives the whole batch: images, classes, iterates; a randomised config's draws too (drawn for the
+    batch, then split). A single image runs on the purifier's own session."""
+    from zeropur_rt.errors import ConfigError
+    x = cifar[0][:10]
+    over = dict(gs_steps=3, ap_steps=4, **(dict(random_start=True, blur_sigma_jitter=0.5) if randomised else {}))
+    whole = Purifier.load(art20, threads=1, workers=1, overrides=over, seed=5)
+    split = Purifier.load(art20, threads=1, workers=3, overrides=over, seed=5)
+    assert (whole.workers, split.workers) == (1, 3)
+    a, pa, ta, ia = whole.purify_and_classify(x, timings=True, iterates=True)
+    b, pb, tb, ib = split.purify_and_classify(x, timings=True, iterates=True)
+    assert a.tobytes() == b.tobytes() and np.array_equal(pa, pb)
+    assert len(ib.gs_x) == 3 and len(ib.ap_x) == 4
+    for u, v in zip([*ia.gs_x, ia.coarse, *ia.ap_x], [*ib.gs_x, ib.coarse, *ib.ap_x]):
+        assert u.tobytes() == v.tobytes()
+    assert set(ta.seconds) == set(tb.seconds) and tb.total > 0
+    assert whole.purify(x[:1]).tobytes() == split.purify(x[:1]).tobytes()   # the next draws, still in step
+    assert Purifier.load(art20, threads=2).workers == 2 and Purifier.load(art20, threads=1).workers == 1
+    for bad, msg in ((0, "whole number >= 1"), (2.5, "whole number >= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            Purifier.load(art20, workers=bad)
+    with pytest.raises(ConfigError, match="on cuda use workers=1"):
+        Purifier.load(art20, device="cuda", workers=2)
+    split.close()
+    assert all(w.runner is None for w in split._shards)
+
+
 def test_input_forms_agree(art20, cifar):
     from zeropur_rt.data import load_cifar10_test
     u8, _ = load_cifar10_test(stop=2)

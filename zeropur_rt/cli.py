@@ -28,6 +28,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="with --backend onnxruntime --device cuda: its CUDA (default) or TensorRT execution provider")
     p.add_argument("--kernels", default="auto", choices=["auto", "host", "numpy", "cuda"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="CPU: one-thread sessions each batch is split across "
+                   "(default --threads; 1: one --threads-thread session for every batch)")
     p.add_argument("--batch", type=int, default=None, help="images per call (default: the artifact's opt batch)")
     p.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, launch the device loop eagerly (no CUDA graph)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -47,7 +49,8 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
 
     extra = {"provider": args.ort_provider} if args.ort_provider else {}
     pur = Purifier.load(args.artifact_dir, args.backend, args.device, args.kernels, args.threads,
-                        overrides=parse_sets(args.set), cuda_graph=not args.no_cuda_graph, seed=args.seed, **extra)
+                        overrides=parse_sets(args.set), cuda_graph=not args.no_cuda_graph, seed=args.seed,
+                        workers=args.workers, **extra)
     with pur:
         x, y, names = read_images(args.input, tuple(pur.chw), args.resize, pur.manifest.num_classes)
         size = min(args.batch or int(pur.manifest.batch.get("opt", pur.max_batch)), pur.max_batch)
@@ -61,7 +64,7 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
                 p = pur.classify(x[sl])
             preds.append(p)
         secs = time.perf_counter() - t0
-        where = f"{args.backend} on {pur.runner.device}, {pur.kernels.name} kernels"
+        where = f"{args.backend} on {pur.runner.device} ({pur.workers} workers), {pur.kernels.name} kernels"
     pred = np.concatenate(preds)
     print(f"{len(x)} images, {secs:.2f} s ({secs / len(x):.4f} s/image), {where}")
     if y is not None:

@@ -141,6 +141,11 @@ class Draw:
     ap_offset: np.ndarray | None
     sigmas: tuple[float, ...]
 
+    def rows(self, sl: slice) -> "Draw":
+        """The draws of images ``sl`` of the batch (a step's sigma is the whole batch's)."""
+        return Draw(None if self.gs_offset is None else self.gs_offset[sl],
+                    None if self.ap_offset is None else self.ap_offset[sl], self.sigmas)
+
 
 def draw(cfg: ZeroPurConfig, shape: tuple[int, ...], rng: np.random.Generator) -> Draw | None:
     """One purification's draws for images of ``shape``; None for a deterministic config (no draw at all,

@@ -72,7 +72,8 @@ def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
 
 
 def make_purify_fn(backend: str, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,
-                   threads: int, x: np.ndarray) -> tuple[Callable[[], None], dict[str, float] | None]:
+                   threads: int, x: np.ndarray, workers: int | None = None
+                   ) -> tuple[Callable[[], None], dict[str, float] | None]:
     """A zero-argument callable purifying ``x`` on ``backend``, and a stage-time accumulator or None.
 
     ``cfg`` is the artifact's config with ``overrides`` applied: the torch rows run it, the runtime
@@ -94,7 +95,7 @@ def make_purify_fn(backend: str, victim: "Victim", cfg: ZeroPurConfig, overrides
         return run, None
     if backend == "onnxruntime":
         from zeropur_rt.pipeline import Purifier
-        pur = Purifier.load(art, "onnxruntime", threads=threads, overrides=overrides)
+        pur = Purifier.load(art, "onnxruntime", threads=threads, overrides=overrides, workers=workers)
         stages: dict[str, float] = {}
 
         def run():
@@ -113,25 +114,28 @@ def run_latency(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, 
     cost = dict(fe_released=forward_equivalents(victim, cfg, "recompute"), fe_lean=forward_equivalents(victim, cfg, "lean"),
                 macs=purification_macs(art, cfg), peak_gflops=cpu_peak_gflops(args.threads))
     rows = []
-    combos = [(be, b) for b in args.batch for be in args.backends]
-    for be, b in progress(combos, "bench"):
-        fn, stages = make_purify_fn(be, victim, cfg, overrides, art, args.threads, x_all[:b])
+    runtime_workers = args.workers or [args.threads]
+    combos = [(be, b, w) for b in args.batch for be in args.backends
+              for w in (runtime_workers if be == "onnxruntime" else [None])]
+    for be, b, w in progress(combos, "bench"):
+        fn, stages = make_purify_fn(be, victim, cfg, overrides, art, args.threads, x_all[:b], w)
         reps = args.repeats if be != "released" or b <= 32 else max(1, args.repeats // 2)
         t = np.array(_timed(fn, args.warmup, reps))
         p50 = float(np.percentile(t, 50))
         flops = 2 * cost["macs"]["purification"] * b
-        row = dict(backend=be, batch=b, repeats=len(t), p50_s=p50, p90_s=float(np.percentile(t, 90)),
+        row = dict(backend=be, workers=w, batch=b, repeats=len(t), p50_s=p50, p90_s=float(np.percentile(t, 90)),
                    p99_s=float(np.percentile(t, 99)), s_per_image=p50 / b, images_per_s=b / p50,
                    achieved_gflops=flops / p50 / 1e9, mem_mib=_rss_mib())
         if stages:
             tot = sum(stages.values())
             row["stages_pct"] = {k: 100 * v / tot for k, v in stages.items()}
         rows.append(row)
-        log(f"{be:12s} batch {b:4d}: p50 {p50:.3f} s, {p50 / b:.4f} s/image")
+        log(f"{_label(row):24s} batch {b:4d}: p50 {p50:.3f} s, {p50 / b:.4f} s/image")
     for r in rows:
         base = next((q for q in rows if q["backend"] == "released" and q["batch"] == r["batch"]), None)
         r["speedup_vs_released"] = base["p50_s"] / r["p50_s"] if base else None
-    return dict(kind="latency", model=args.model, config=cfg.to_dict(), threads=args.threads, machine=machine_info(),
+    return dict(kind="latency", model=args.model, config=cfg.to_dict(), threads=args.threads,
+                workers=runtime_workers, machine=machine_info(),
                 cost_model=cost, rows=rows)
 
 
@@ -153,6 +157,11 @@ def bench_images(args: argparse.Namespace, victim: "Victim", n: int, labels: boo
     return ds.x[:n], None if ds.y is None else ds.y[:n]
 
 
+def _label(row: dict[str, Any]) -> str:
+    w = row.get("workers")
+    return row["backend"] if w is None else f"{row['backend']} ({w} worker{'s' if w > 1 else ''})"
+
+
 def latency_markdown(res: dict[str, Any]) -> str:
     c = res["cost_model"]
     lines = [f"Latency, {res['model']}, {res['threads']} threads ({res['machine'].get('cpu_model', '?')}); "
@@ -161,7 +170,7 @@ def latency_markdown(res: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         sp = f"{r['speedup_vs_released']:.2f}" if r["speedup_vs_released"] else "-"
-        lines.append(f"| {r['backend']} | {r['batch']} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['p99_s']:.3f} | "
+        lines.append(f"| {_label(r)} | {r['batch']} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['p99_s']:.3f} | "
                      f"{r['s_per_image']:.4f} | {r['images_per_s']:.1f} | {sp} | {r['achieved_gflops']:.1f} "
                      f"({100 * r['achieved_gflops'] / c['peak_gflops']:.0f}%) |")
     stage_rows = [r for r in res["rows"] if "stages_pct" in r]
@@ -170,7 +179,7 @@ def latency_markdown(res: dict[str, Any]) -> str:
         lines += ["", "Where the runtime's time goes (% of purify time):", "",
                   "| backend | batch | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
         for r in stage_rows:
-            lines.append(f"| {r['backend']} | {r['batch']} | " + " | ".join(f"{r['stages_pct'].get(k, 0):.1f}" for k in keys) + " |")
+            lines.append(f"| {_label(r)} | {r['batch']} | " + " | ".join(f"{r['stages_pct'].get(k, 0):.1f}" for k in keys) + " |")
     fr, fl = c["fe_released"], c["fe_lean"]
     lines += ["", f"Cost model per image: released-code AP {fr['forward']:.0f} forwards + {fr['backward']:.0f} backwards "
               f"= {fr['F_bwd1']:.0f} F (backward = 1 F) / {fr['F_bwd2']:.0f} F (backward = 2 F); lean {fl['forward']:.0f} + "
@@ -185,8 +194,8 @@ def latency_plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for be in dict.fromkeys(r["backend"] for r in res["rows"]):
-        rs = sorted((r for r in res["rows"] if r["backend"] == be), key=lambda r: r["batch"])
+    for be in dict.fromkeys(_label(r) for r in res["rows"]):
+        rs = sorted((r for r in res["rows"] if _label(r) == be), key=lambda r: r["batch"])
         a1.plot([r["batch"] for r in rs], [r["p50_s"] for r in rs], "o-", label=be)
         a2.plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], "o-", label=be)
     for a, yl in ((a1, "latency per call, p50 (s)"), (a2, "images / s")):
@@ -275,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", nargs="+", type=int, default=None, help="the runtime's one-thread sessions a batch "
+                    "is split across, a row each (default --threads; 1: one --threads-thread session)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="loop overrides for every row, e.g. gs_steps=2 eps=8/255 (not the baked loss weights)")
     ap.add_argument("--sweep", action="store_true", help="run the GS/AP steps sweep instead of the latency table")

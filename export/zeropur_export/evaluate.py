@@ -2,6 +2,7 @@
 
     zeropur-export eval --models resnet20 --n 500 --out runs/eval_{model}          # every attack, AutoAttack's budgets
     zeropur-export eval --models resnet20 --n 64 --attacks apgd-ce bpda-apgd-ce --adaptive-n 32
+    zeropur-export eval --models resnet20 --n 500 --cascade --out runs/eval_{model}_cascade     # worst case, AutoAttack's way
 
 All L-inf at ``--eps`` (8/255). The attacks (``zeropur_export.attack_suite``; ART's PGD/APGD, our
 gradients through the defence in ``zeropur_export.adaptive``):
