@@ -83,8 +83,8 @@ class Purifier:
     Workers (host runners on the CPU, ``Purifier.load(..., workers=)``): a batch of at least two images is
     split into contiguous shards, one per worker, each purified by a purifier of its own on a one-thread
     session, side by side; a single image runs on this purifier's own ``threads``-thread session. Every
-    image's result is the one the unsplit batch gives (ONNX Runtime computes each image alone; tested),
-    a randomised config's draws included: they are drawn for the whole batch, then split.
+    image comes out with the bytes a one-thread session gives the unsplit batch (ONNX Runtime computes
+    each image alone; tested), a randomised config's draws included: drawn for the whole batch, then split.
     """
 
     def __init__(self, runner: Any, kernels: Any, cfg: ZeroPurConfig, *, input_shape: tuple[int, int, int],
