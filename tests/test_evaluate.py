@@ -146,6 +146,7 @@ def test_cascade_attacks_the_survivors_only_and_resumes(art20, tmp_path, capsys)
     assert f"**Worst case over every attack: {stages[-1]['robust_acc_purified']:.1f}%** of 12 images" in md
     assert md.index("Worst case over every attack") < md.index("| pgd |") < md.index("| bpda-apgd-ce |")
     scattered = [f for f in sorted((out / "state" / "cascade-pgd").glob("*.json")) if '"rows"' in f.read_text()]
+    assert scattered, "every survivors' chunk was contiguous: this setting no longer tests scattered rows"
     scattered[0].unlink()
     assert main(cmd) == 0
     again = json.loads((out / "eval.json").read_text())["cascade"]
