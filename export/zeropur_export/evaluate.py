@@ -258,7 +258,7 @@ def _iterations(p: dict[str, Any]) -> str:
 
 def _cascade_markdown(res: dict[str, Any]) -> list[str]:
     c, stages = res["clean"], res["cascade"]
-    worst = stages[-1]["robust_acc_purified"] if stages else c["acc_purified"]
+    worst = stages[-1]["robust_acc_purified"]  # --attacks takes one or more
     wrong = c["n"] - c["correct_purified"].count("1")
     lines = [f"**Worst case over every attack: {worst:.1f}%** of {c['n']} images (AutoAttack's cascade: each attack, "
              "cheapest first, on the images the clean image and every earlier attack left robust; each figure is "
