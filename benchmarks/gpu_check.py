@@ -13,6 +13,9 @@
 4. Latency per (model, batch): the released-code-cost torch reference (``ap_mode="recompute"``) on
    this GPU, the lean torch reference, the torch runner + our kernels (eager and CUDA graph), and
    TensorRT's device loop, eager and with a CUDA graph -- all in this run, on this GPU.
+5. Issue 18's report (``benchmarks.gpu_speed``): the fast torch runner (folded, channels-last, compiled,
+   CUDA graph) in float32 / TF32 / BF16 against today's loop, kernels per step, GFLOP/s, agreement on
+   ``--parity-n`` images; its files under ``<out>/speed``.
 
 Without a GPU it prints why and exits 0 (the report says ``skipped``).
 """
@@ -302,9 +305,19 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - keep the other model's rows
                 report["checks"][f"latency_{model}"] = {"ok": False, "summary": f"{type(e).__name__}: {e}"}
             write_report(out, report)
+    if torch_cuda:
+        print("5. issue 18: the fast torch runner ...", flush=True)
+        report["checks"]["fast_torch_runner"] = _guarded(lambda: _speed_report(out / "speed", args))
     report["ok"] = all(c.get("ok") is not False for c in report["checks"].values())
     write_report(out, report)
     return 0 if report["ok"] else 1
+
+
+def _speed_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks import gpu_speed
+    rc = gpu_speed.main(["--out", str(out), "--artifacts", args.artifacts, "--models", *args.models,
+                         "--batches", *map(str, args.batches), "--agree-n", str(args.parity_n)])
+    return {"ok": rc == 0, "summary": f"{out / 'gpu_speed.md'} (agreement of fast float32 >= 99%: {rc == 0})"}
 
 
 def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:

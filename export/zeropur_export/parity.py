@@ -196,7 +196,25 @@ class OrtGraphs:
         return self.sessions[name].run(None, feed)
 
 
-def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs, x: torch.Tensor, label: str,
+class RunnerGraphs:
+    """A host runner's graphs (the fast torch runner, say) behind ``OrtGraphs``' interface, so that ``parity``
+    judges them by the same rule."""
+
+    def __init__(self, runner, graphs: Sequence[str], n_ila: int):
+        self.runner, self.n_ila = runner, n_ila
+        self.sessions = dict.fromkeys(graphs)
+
+    def run(self, name: str, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
+        ins, outs = graph_io(name, self.n_ila)
+        feed = {k: np.ascontiguousarray(np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v,
+                                                   dtype=np.float32)) for k, v in zip(ins, inputs)}
+        shapes = self.runner.output_shapes(name, len(feed[ins[0]]))
+        result = {k: np.zeros(shapes[k], np.float32) for k in outs}
+        self.runner.run(name, feed, result)
+        return [result[k] for k in outs]
+
+
+def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs | RunnerGraphs, x: torch.Tensor, label: str,
            seed: int = 0, graph_batch: int | None = None) -> list[ParityRow]:
     """Rows for every graph of the artifact on images ``x`` (float32 NCHW in [0,1]).
 

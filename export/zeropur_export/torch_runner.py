@@ -7,15 +7,29 @@ It is the oracle's side of every comparison and the GPU path where no TensorRT i
 * on CUDA its buffers are torch tensors on the device, its kernels our CUDA kernels launched on torch's
   current stream, and ``capture`` records the whole loop into a ``torch.cuda.CUDAGraph``.
 
+``fast=True`` trades the oracle's eager autograd for speed (issue 18), and is checked against it like any
+backend: BatchNorm folded into the convolutions (``fold.fold_batchnorm``, on a copy), channels-last
+activations, each graph's function (``onnx_export.graph_functions``, the exporter's own) compiled by
+``torch.compile`` (inductor fuses the elementwise backward; the frozen weights are constants), cuDNN's
+benchmark mode on CUDA; on CUDA the compiled steps are captured with the whole loop in one CUDA graph.
+``precision`` is float32 by default; ``"tf32"`` (CUDA) and ``"bf16"`` (autocast) are opt-in: sign steps
+amplify small gradient errors, so their agreement with float32 is measured (``benchmarks.gpu_speed``).
+``autotune=True`` adds inductor's max-autotune: Triton convolution templates that take the elementwise work
+after a convolution into its epilogue (in the backward, the ReLU mask multiply and the residual add follow
+each data-gradient convolution), so fewer, fatter kernels per step; it compiles for minutes per graph and
+batch size.
+
 Build time only (it needs torch and the victim); the deploy-time pipeline takes it like any runner:
 ``load_purifier(artifact_dir, device="cuda")``.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
@@ -24,9 +38,12 @@ from zeropur_export import reference as ref
 from zeropur_export.taps import Victim
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.cuda_driver import parse_device
+from zeropur_rt.manifest import graph_io
 from zeropur_rt.runners.base import DeviceBuffer, HostMemory
 
 GRAPHS = ("classifier", "gs_grad", "ap_setup", "ap_grad")
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class _TorchReplay:
@@ -42,24 +59,41 @@ class _TorchReplay:
 
 class TorchRunner(HostMemory):
     """``ap_mode="recompute"`` makes every AP step recompute its constants with its own forwards: the
-    released code's cost, for the latency baseline."""
+    released code's cost, for the latency baseline. ``fast`` and ``precision``: see the module docstring.
+    ``victim`` stays the unfolded network the reference runs; ``compute_victim`` is the one this runner runs."""
 
     name = "torch"
 
     def __init__(self, victim: Victim, cfg: ZeroPurConfig, device: str = "cpu", *, ap_mode: ref.APMode = "lean",
-                 threads: int | None = None):
+                 threads: int | None = None, fast: bool = False, precision: Precision = "fp32",
+                 autotune: bool = False):
         if ap_mode not in ("lean", "recompute"):
             raise ValueError(f"ap_mode must be 'lean' or 'recompute', got {ap_mode!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if autotune and not fast:
+            raise ValueError("autotune=True is an option of the compiled runner: pass fast=True too")
+        if fast and ap_mode == "recompute":
+            raise ValueError("fast=True runs the lean AP step; ap_mode='recompute' is the released code's cost, "
+                             "a baseline that is measured as it is")
         self.device = str(device)
         ordinal = parse_device(self.device)
         self.on_device = ordinal is not None
         if self.on_device and not torch.cuda.is_available():
             raise ValueError(f"the torch runner on {device!r} needs a GPU and a CUDA build of torch; this torch "
                              f"({torch.__version__}) sees no CUDA device: use device='cpu'")
+        if precision == "tf32" and not self.on_device:
+            raise ValueError("precision 'tf32' is a mode of NVIDIA GPUs (Ampere and later); on the CPU use 'fp32' "
+                             "or 'bf16'")
         if threads:
             torch.set_num_threads(threads)
         self.dev = torch.device("cuda", ordinal) if self.on_device else torch.device("cpu")
         self.victim = victim.to(self.dev)
+        self.fast, self.precision, self.autotune = fast, precision, autotune
+        self.compute_victim = _fast_victim(self.victim) if fast else self.victim
+        self._compiled: dict[str, Callable[..., Any]] = {}
+        if fast and self.on_device:
+            torch.backends.cudnn.benchmark = True  # process-wide: cuDNN times its algorithms per shape, once
         self.cfg, self.ap_mode = cfg, ap_mode
         self.dtype = victim.mean.dtype
         self._np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
@@ -109,7 +143,41 @@ class TorchRunner(HostMemory):
         return {k: ((n, *v[1:]) if v else ()) for k, v in self._shapes[graph].items()}
 
     def run(self, graph: str, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        v, t = self.victim, {k: self.tensor(b) for k, b in inputs.items()}
+        t = {k: self.tensor(b) for k, b in inputs.items()}
+        if graph not in GRAPHS:
+            raise ValueError(f"unknown graph {graph!r}; the graphs are {', '.join(GRAPHS)}")
+        with self._precision():
+            results = self._run_fast(graph, t) if self.fast else self._run_reference(graph, t)
+        for name, r in results.items():
+            self.tensor(outputs[name]).copy_(r)
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        if self.precision == "bf16":
+            with torch.autocast(self.dev.type, dtype=torch.bfloat16):
+                yield
+        elif self.precision == "tf32":
+            flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                yield
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        else:
+            yield
+
+    def _run_fast(self, graph: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The graph's function compiled (once per runner; dynamo specialises it per batch size). Called under
+        no_grad so that inductor freezes the weights; ``torch.func.grad`` differentiates inside regardless."""
+        if graph not in self._compiled:
+            self._compiled[graph] = _compile_graph(self.compute_victim, self.cfg, graph, self.autotune)
+        in_names, out_names = graph_io(graph, len(self.victim.spec.ila))
+        with torch.no_grad():
+            out = self._compiled[graph](*(t[k] for k in in_names))
+        return dict(zip(out_names, out))
+
+    def _run_reference(self, graph: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        v = self.victim
         if graph == "classifier":
             with torch.no_grad():
                 logits, taps = v.run(t["x"])
@@ -131,10 +199,7 @@ class TorchRunner(HostMemory):
                 c = ref.APConstants([t[f"ila_dir_{i}"] for i in range(len(v.spec.ila))], t["lpips_ref"])
                 loss_fn = lambda f: ref.ap_loss(v, f, c, self.cfg)  # noqa: E731
             results = {"grad": ref.input_grad(loss_fn, t["fine"])[0]}
-        else:
-            raise ValueError(f"unknown graph {graph!r}; the graphs are {', '.join(GRAPHS)}")
-        for name, r in results.items():
-            self.tensor(outputs[name]).copy_(r)
+        return results
 
     # -- the device loop: our CUDA kernels on torch's stream, captured with torch's work
     def stream_handle(self) -> int:
@@ -169,10 +234,49 @@ class TorchRunner(HostMemory):
         self._recompute = None
 
 
+def _fast_victim(victim: Victim) -> Victim:
+    """The victim as the fast runner runs it: a folded copy (``victim`` is left as it is), channels-last."""
+    from zeropur_export.fold import fold_batchnorm
+
+    folded, _ = fold_batchnorm(victim)
+    if folded is victim:  # nothing folded: still a copy, the memory format below must not touch the caller's
+        folded = copy.deepcopy(victim)
+    return folded.to(memory_format=torch.channels_last)
+
+
+def _compile_graph(victim: Victim, cfg: ZeroPurConfig, graph: str,
+                   autotune: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``graph``'s function as the exporter traces it (``onnx_export.graph_functions``), gradients by
+    ``torch.func``, inputs taken channels-last, outputs as a tuple in ``graph_io`` order, compiled."""
+    from zeropur_export.onnx_export import graph_functions
+
+    fn, is_grad = graph_functions(victim, cfg)[graph]
+    with_loss = graph == "gs_grad"
+
+    def step(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        args = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args)
+        if not is_grad:
+            out = fn(*args)
+            return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        if with_loss:
+            g, loss = torch.func.grad_and_value(fn)(*args)
+            return g, loss
+        return (torch.func.grad(fn)(*args),)
+
+    # Every runner's ``step`` shares this one code object, and dynamo counts compilations per code object:
+    # 4 graphs x batch sizes x runners (precisions, models) pass its default of 8, past which it runs
+    # eager without a word but a log line.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    # freezing: the weights are constants of the graph (inductor folds and prepacks them); needs no_grad calls
+    return torch.compile(step, dynamic=False, options={"freezing": True, "max_autotune": autotune})
+
+
 def load_purifier(artifact_dir: str | os.PathLike, device: str = "cpu", *, kernels: str = "auto",
                   overrides: dict[str, Any] | None = None, cuda_graph: bool = True, victim: Victim | None = None,
-                  weights: str | None = None, threads: int | None = None) -> Any:
-    """A Purifier over an artifact directory whose graphs run as the reference under torch.
+                  weights: str | None = None, threads: int | None = None, fast: bool = False,
+                  precision: Precision = "fp32", autotune: bool = False) -> Any:
+    """A Purifier over an artifact directory whose graphs run as the reference under torch (``fast``:
+    compiled, see the module docstring).
 
     The victim is rebuilt from the manifest's model name and its weights file (whose sha256 must match the
     manifest), or passed in. On CUDA the loop is device-resident with our CUDA kernels and a CUDA graph.
@@ -192,5 +296,6 @@ def load_purifier(artifact_dir: str | os.PathLike, device: str = "cpu", *, kerne
                              f"(sha256 {manifest.weights_sha256[:12]}…)")
         victim = load_victim(manifest.model, weights=str(path))
     cfg = apply_overrides(manifest.zeropur_config, overrides, baked=True)
-    runner = TorchRunner(victim, cfg, device, threads=threads)
+    runner = TorchRunner(victim, cfg, device, threads=threads, fast=fast, precision=precision,
+                         autotune=autotune)
     return Purifier.from_manifest(manifest, runner, kernels, overrides, cuda_graph)

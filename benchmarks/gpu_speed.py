@@ -1,0 +1,205 @@
+"""Issue 18's GPU report: today's torch device loop against the fast torch runner, from one run.
+
+    python -m benchmarks.gpu_speed [--models resnet20 resnet56] [--batches 1 256] [--agree-n 1000]
+    python -m benchmarks.gpu_speed --device cpu --models resnet20 --batches 2 --agree-n 4 --reps 1   # CI's smoke
+
+Rows per (model, batch), every one timed in this process on this device:
+
+* ``released``: the released code's cost (torch reference re-computing AP), the ratio's denominator;
+* ``autograd``: the torch runner (eager autograd, unfolded) + our CUDA kernels, the loop in one CUDA graph;
+* ``fast-fp32`` / ``fast-tf32`` / ``fast-bf16``: ``load_purifier(..., fast=True, precision=...)``: folded
+  BatchNorm, channels-last, torch.compile'd graph functions, cuDNN benchmark mode, the same CUDA graph;
+* with ``--autotune``, ``fast-fp32-autotune``: the same with inductor's max-autotune (convolution epilogues
+  fused; minutes of compilation per graph and batch size).
+
+Per row: ms per call (median), ms per image, achieved GFLOP/s (the exported graphs' MACs per purification,
+x2, per second) and, at the smallest batch, kernels per step (CUDA kernels of one eager purification, over
+its gs_steps + ap_steps gradient steps; on the CPU: top-level aten ops). Agreement: each fast precision's
+predictions after purification against the eager float32 reference's, on ``--agree-n`` CIFAR-10 test
+images (the acceptance: >= 99% for float32), with both accuracies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+VARIANTS = ("released", "autograd", "fast-fp32", "fast-tf32", "fast-bf16", "fast-fp32-autotune")
+
+
+def _purifier(variant: str, art: Path, device: str, victim: Any, overrides: dict[str, Any]) -> Any:
+    from zeropur_export.torch_runner import load_purifier
+    if variant == "autograd":
+        return load_purifier(art, device, victim=victim, overrides=overrides)
+    return load_purifier(art, device, victim=victim, overrides=overrides, fast=True, precision=variant.split("-")[1],
+                         autotune=variant.endswith("autotune"))
+
+
+def _variants(device: str, autotune: bool) -> tuple[str, ...]:
+    return tuple(v for v in VARIANTS if (device.startswith("cuda") or v != "fast-tf32")
+                 and (autotune or not v.endswith("autotune")))
+
+
+def count_kernels(purify: Callable[[], Any], device: str) -> int:
+    """CUDA kernels launched by ``purify`` (memcpy / memset excluded); on the CPU, top-level aten ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        purify()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset")))
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def _timeit(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> float:
+    fn()  # warm-up: compilation, cuDNN's benchmark, the CUDA graph capture
+    sync()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x_all: np.ndarray, y_all: np.ndarray,
+            agree_n: int, overrides: dict[str, Any], autotune: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The latency rows of every batch, then the agreement on ``agree_n`` images; one purifier per variant."""
+    import torch
+
+    from zeropur_export.costs import purification_macs
+    from zeropur_export.reference import ReferencePurifier
+    from zeropur_export.zoo import load_victim
+
+    victim = load_victim(model).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    purifiers = {v: _purifier(v, art, device, victim, overrides) for v in _variants(device, autotune) if v != "released"}
+    cfg = purifiers["autograd"].cfg
+    released = ReferencePurifier(victim, cfg, ap_mode="recompute")  # on the victim's device
+    flop = 2 * purification_macs(art, cfg)["purification"]
+    rows = []
+    for b in batches:
+        x = x_all[np.arange(b) % len(x_all)]
+        xt = torch.from_numpy(x).to(device)
+        calls: dict[str, Callable[[], Any]] = {"released": lambda: released.purify(xt)}
+        calls |= {v: (lambda p=p: p.purify(x)) for v, p in purifiers.items()}
+        row: dict[str, Any] = {"model": model, "batch": b, "device": device}
+        for v, fn in calls.items():
+            s = _timeit(fn, sync, reps)
+            row[v] = {"ms_per_call": 1e3 * s, "ms_per_image": 1e3 * s / b, "gflops": flop * b / s / 1e9,
+                      "x_vs_released": row["released"]["ms_per_call"] / (1e3 * s) if v != "released" else 1.0}
+        if b == min(batches):  # eager (no CUDA graph) so that the profiler sees each launch; already compiled
+            for v, p in purifiers.items():
+                graphed, p.cuda_graph = p.cuda_graph, False
+                row[v]["kernels_per_step"] = count_kernels(lambda: p.purify(x), device) / (cfg.gs_steps + cfg.ap_steps)
+                p.cuda_graph = graphed
+        rows.append(row)
+        print(f"  {model} batch {b}: " + ", ".join(f"{v} {row[v]['ms_per_call']:.1f} ms" for v in calls), flush=True)
+    agree: dict[str, Any] = {}
+    if agree_n:
+        agree = agreement(ReferencePurifier(victim, cfg, ap_mode="lean"), purifiers, x_all[:agree_n], y_all[:agree_n])
+    for p in purifiers.values():
+        p.close()
+    return rows, agree
+
+
+def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray, batch: int = 250) -> dict[str, Any]:
+    """Predictions after purification: each fast precision against the eager float32 reference's."""
+    import torch
+
+    victim, device = ref.victim, ref.runner.dev
+    fast = {v: p for v, p in purifiers.items() if v.startswith("fast")}
+    preds: dict[str, list[np.ndarray]] = {v: [] for v in ("reference", *fast)}
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        with torch.no_grad():
+            preds["reference"].append(victim(ref.purify(torch.from_numpy(xb).to(device))).argmax(1).cpu().numpy())
+        for v, p in fast.items():
+            preds[v].append(p.purify_and_classify(xb)[1])
+    p_ref = np.concatenate(preds.pop("reference"))
+    out: dict[str, Any] = {"n": len(x), "accuracy_reference": 100 * float(np.mean(p_ref == y))}
+    for v, ps in preds.items():
+        p = np.concatenate(ps)
+        out[v] = {"same_prediction": 100 * float(np.mean(p == p_ref)), "accuracy": 100 * float(np.mean(p == y))}
+    out["ok"] = out["fast-fp32"]["same_prediction"] >= 99.0
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Issue 18 speed report ({report['device_name']})", ""]
+    for row in report["rows"]:
+        lines += [f"## {row['model']}, batch {row['batch']}", "",
+                  "| variant | ms/call | ms/image | GFLOP/s | x vs released | kernels/step |", "|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            r = row.get(v)
+            if r:
+                k = r.get("kernels_per_step")
+                lines.append(f"| {v} | {r['ms_per_call']:.2f} | {r['ms_per_image']:.3f} | {r['gflops']:.1f} | "
+                             f"{r['x_vs_released']:.2f} | {'-' if k is None else f'{k:.0f}'} |")
+        lines.append("")
+    for model, a in report["agreement"].items():
+        lines.append(f"Agreement, {model}, {a['n']} images (reference accuracy {a['accuracy_reference']:.1f}%): " +
+                     "; ".join(f"{v} {r['same_prediction']:.1f}% same prediction, {r['accuracy']:.1f}% accuracy"
+                               for v, r in a.items() if isinstance(r, dict)))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/gpu_speed")
+    ap.add_argument("--artifacts", default="artifacts")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 256])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--agree-n", type=int, default=1000, help="CIFAR-10 test images for the prediction agreement")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every row, e.g. --set gs_steps=2 (CI's smoke)")
+    ap.add_argument("--autotune", action="store_true", help="add the fast-fp32-autotune row (long compiles)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from zeropur_export.build import ensure_artifacts
+    from zeropur_rt.config import parse_sets
+    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_rt.files import atomic_write_json, atomic_write_text
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"gpu_speed: this torch ({torch.__version__}) sees no CUDA device; nothing to measure "
+              "(--device cpu runs the same rows on the CPU)")
+        return 0
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # float32 unless a row opts in
+    xs, ys = load_cifar10_test(stop=max(args.agree_n, max(args.batches)))
+    x_all = to_nchw_float(xs)
+    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    report: dict[str, Any] = {"device": args.device, "device_name": name, "torch": torch.__version__,
+                              "rows": [], "agreement": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in args.models:
+        art = ensure_artifacts(model, Path(args.artifacts) / model)
+        rows, agree = measure(model, art, args.device, args.batches, args.reps, x_all, ys, args.agree_n,
+                              parse_sets(args.set), args.autotune)
+        report["rows"] += rows
+        if agree:
+            report["agreement"][model] = agree
+        atomic_write_json(out / "gpu_speed.json", report)
+    atomic_write_text(out / "gpu_speed.md", markdown(report))
+    print(markdown(report))
+    return 0 if all(a["ok"] for a in report["agreement"].values()) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The fast torch runner (issue 18): folded BatchNorm, channels-last, torch.compile'd graph functions.
+
+It is another implementation of the reference's graphs, so it is judged as the exported graphs are
+(``zeropur_export.parity``: within 2x the float32 spread of two torch float32 implementations on the same
+inputs on this machine, against the float64 truth), and its whole loop against the reference's. Here on the
+CPU (inductor's C++ backend); on a GPU ``benchmarks.gpu_speed`` measures it with the CUDA graph.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from zeropur_rt.pipeline import Purifier  # noqa: E402
+
+N = 8  # images: every graph call of this file has this batch, so each graph is compiled once
+
+
+@pytest.fixture(scope="module")
+def fast20(art20, victim20):
+    from zeropur_export.torch_runner import load_purifier
+    with load_purifier(art20, victim=victim20, fast=True) as pur:
+        yield pur
+
+
+@pytest.fixture(scope="module")
+def x_n(cifar):
+    return cifar[0][:N]
+
+
+def test_fast_graphs_pass_the_export_parity_rule(fast20, victim20, x_n):
+    from zeropur_export.parity import RunnerGraphs, format_table, parity
+
+    graphs = RunnerGraphs(fast20.runner, ("classifier", "gs_grad", "ap_setup", "ap_grad"), len(victim20.spec.ila))
+    rows = parity(victim20, fast20.cfg, graphs, torch.from_numpy(x_n), "cifar10")
+    assert {r.graph for r in rows} == {"classifier", "gs_grad", "ap_setup", "ap_grad"}
+    assert all(r.ok for r in rows), format_table(rows)
+    # the runner really is the folded, compiled one, and the caller's victim is left as it was
+    assert fast20.runner.compute_victim is not victim20
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast20.runner.compute_victim.net.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in victim20.net.modules())
+    assert all(p.is_contiguous() for p in victim20.net.parameters())
+    assert set(fast20.runner._compiled) == {"classifier", "gs_grad", "ap_setup", "ap_grad"}
+
+
+def test_fast_loop_agrees_with_the_reference(fast20, art20, victim20, x_n):
+    """The whole recipe: the purified images classify as the reference's (the loop's float32 drift is the
+    same as ONNX Runtime's; tests/test_runtime.py measures its floor), and stay in the eps ball."""
+    from zeropur_export.reference import ReferencePurifier
+
+    out, pred = fast20.purify_and_classify(x_n)
+    ref_out = ReferencePurifier(victim20, fast20.cfg).purify(torch.from_numpy(x_n))
+    ref_pred = victim20(ref_out).argmax(1).numpy()
+    assert (pred == ref_pred).mean() >= 7 / 8
+    assert np.all(np.abs(out - x_n) <= fast20.cfg.eps + 1e-6)
+    assert np.mean(out == ref_out.numpy()) > 0.25  # most pixels still identical: the same loop, not a lookalike
+
+
+def test_bf16_is_a_different_precision(art20, victim20, fast20, x_n):
+    """bf16 (autocast) is opt-in: its gradients part from float32's by far more than float32 rounding, yet
+    point the same way; gpu_speed measures what that does to the loop."""
+    from zeropur_export.parity import RunnerGraphs, rel_err
+    from zeropur_export.torch_runner import TorchRunner
+
+    n_ila = len(victim20.spec.ila)
+    bf16 = RunnerGraphs(TorchRunner(victim20, fast20.cfg, precision="bf16"), ("gs_grad",), n_ila)
+    fp32 = RunnerGraphs(TorchRunner(victim20, fast20.cfg), ("gs_grad",), n_ila)
+    xb = x_n[:, :, ::-1, :].copy()  # another image of the same batch: a gradient far from zero
+    g16, g32 = bf16.run("gs_grad", [x_n, xb])[0], fp32.run("gs_grad", [x_n, xb])[0]
+    cos = float((g16 * g32).sum() / np.linalg.norm(g16) / np.linalg.norm(g32))
+    assert 1e-3 < rel_err(g16, g32) < 0.5 and cos > 0.9, (rel_err(g16, g32), cos)
+
+
+def test_fast_and_precision_options_are_checked(victim20, fast20):
+    from zeropur_export.torch_runner import TorchRunner
+
+    cfg = fast20.cfg
+    with pytest.raises(ValueError, match="tf32"):
+        TorchRunner(victim20, cfg, precision="tf32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TorchRunner(victim20, cfg, precision="fp16")
+    with pytest.raises(ValueError, match="autotune=True is an option of the compiled runner"):
+        TorchRunner(victim20, cfg, autotune=True)
+    with pytest.raises(ValueError, match="recompute"):
+        TorchRunner(victim20, cfg, fast=True, ap_mode="recompute")
+    assert isinstance(fast20, Purifier)
+
+
+def test_gpu_speed_report_runs_on_the_cpu(art20, tmp_path, cifar):
+    """benchmarks.gpu_speed (issue 18's GPU report), tiny and on the CPU so that it cannot rot: every row is
+    measured, the compiled runner issues fewer top-level ops per step than eager autograd, and agreement is
+    taken on real images."""
+    import json
+
+    from benchmarks import gpu_speed
+    rc = gpu_speed.main(["--device", "cpu", "--models", "resnet20", "--batches", "2", "--agree-n", "4", "--reps", "1",
+                         "--artifacts", str(art20.parent), "--out", str(tmp_path), "--set", "gs_steps=2", "ap_steps=2"])
+    report = json.loads((tmp_path / "gpu_speed.json").read_text())
+    (row,) = report["rows"]
+    assert {"released", "autograd", "fast-fp32", "fast-bf16"} <= set(row) and "fast-tf32" not in row
+    assert all(row[v]["ms_per_call"] > 0 and row[v]["gflops"] > 0 for v in ("released", "autograd", "fast-fp32"))
+    assert row["fast-fp32"]["kernels_per_step"] < row["autograd"]["kernels_per_step"]
+    agree = report["agreement"]["resnet20"]
+    assert agree["n"] == 4 and 0 <= agree["fast-fp32"]["same_prediction"] <= 100
+    assert rc == (0 if agree["ok"] else 1)
+    assert "| fast-fp32 |" in (tmp_path / "gpu_speed.md").read_text()
