@@ -39,6 +39,16 @@ def test_bench_tiny_writes_table_json_and_plot(art20, tmp_path, capsys):
     assert "x vs released" in capsys.readouterr().out
 
 
+def test_bench_torch_fast_row(art20, tmp_path):
+    """The fast torch runner's row (compiled in the warm-up call, which is not timed)."""
+    out = tmp_path / "fast"
+    assert main(["bench", *TINY, "--warmup", "1", "--artifacts", str(art20), "--backends", "released", "torch-fast", "--batch", "2",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "latency.json").read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["released", "torch-fast"]
+    assert rows[1]["speedup_vs_released"] > 1 and "| torch-fast | 2 |" in (out / "latency.md").read_text()
+
+
 def test_bench_set_parses_fractions_and_booleans_for_every_row(art20, tmp_path):
     """The one --set parser: 8/255 is a fraction, false is False (the old bench parser made it True)."""
     out = tmp_path / "set"

@@ -4,7 +4,8 @@
     zeropur-export bench --model resnet20 --sweep --sweep-n 200 --out runs/sweep_resnet20
 
 Backends: ``released`` (torch reference, re-computing AP: the released code's cost), ``lean``
-(torch reference, lean AP), ``onnxruntime`` (zeropur-rt: exported graphs + host kernels), and
+(torch reference, lean AP), ``onnxruntime`` (zeropur-rt: exported graphs + host kernels), ``torch-fast``
+(the fast torch runner on the CPU: folded, compiled by inductor, fused elementwise; + host kernels), and
 where present ``torch-cuda`` (reference on the GPU). Every figure of one table comes from one run
 on one machine; ratios are against ``released`` measured in that same run. Every row runs the
 artifact's config with the same ``--set`` overrides; a loss weight baked into the graphs is refused
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from zeropur_export.taps import Victim
 
 TORCH_BACKENDS = ("released", "lean", "torch-cuda")
-ALL_BACKENDS = (*TORCH_BACKENDS, "onnxruntime")
+ALL_BACKENDS = (*TORCH_BACKENDS, "torch-fast", "onnxruntime")
 
 
 def _rss_mib() -> dict[str, float]:
@@ -93,6 +94,10 @@ def make_purify_fn(backend: str, victim: "Victim", cfg: ZeroPurConfig, overrides
             if dev == "cuda":
                 torch.cuda.synchronize()
         return run, None
+    if backend == "torch-fast":  # compiles on its first call: --warmup >= 1 keeps that out of the timings
+        from zeropur_export.torch_runner import load_purifier
+        fast = load_purifier(art, "cpu", victim=victim, overrides=overrides, threads=threads, fast=True)
+        return lambda: fast.purify(x), None
     if backend == "onnxruntime":
         from zeropur_rt.pipeline import Purifier
         pur = Purifier.load(art, "onnxruntime", threads=threads, overrides=overrides, workers=workers)
