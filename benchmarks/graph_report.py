@@ -70,9 +70,10 @@ def time_graphs(paths: dict[str, Path], batch: int, threads: int, rounds: int) -
     return out
 
 
-def op_profile(path: Path, batch: int, threads: int, calls: int = 5) -> dict[str, dict[str, float]]:
+def op_profile(path: Path, batch: int, threads: int, calls: int = 5) -> dict[str, Any]:
     """ONNX Runtime's profiler: per op type (of the optimised graph: NCHWc Conv, ReorderInput/Output, ...)
-    the kernel milliseconds per call, the share of kernel time, and nodes per call."""
+    the kernel milliseconds per call, the share of kernel time, and nodes per call; and per convolution
+    shape (Conv nodes, whose weight shape the profiler reports) the achieved GFLOP/s."""
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         s = _session(path, threads, str(Path(d) / "ort"))
@@ -84,13 +85,26 @@ def op_profile(path: Path, batch: int, threads: int, calls: int = 5) -> dict[str
     runs = [e for e in events if e.get("name") == "model_run"]
     start = runs[0]["ts"] + runs[0]["dur"] if len(runs) > calls else 0  # skip the warm-up call
     per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    convs: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0, 0])
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
-            per[e["args"]["op_name"]][0] += e["dur"]
-            per[e["args"]["op_name"]][1] += 1
+            a = e["args"]
+            per[a["op_name"]][0] += e["dur"]
+            per[a["op_name"]][1] += 1
+            shapes = [next(iter(x.values())) for x in a.get("input_type_shape", [])]
+            out = [next(iter(x.values())) for x in a.get("output_type_shape", [])]
+            if a["op_name"] == "Conv" and len(shapes) >= 2 and len(shapes[1]) == 4 and out:
+                w = shapes[1]
+                key = f"{shapes[0][1]}->{out[0][1]} ch, {w[2]}x{w[3]}, out {out[0][2]}x{out[0][3]}"
+                convs[key][0] += e["dur"]
+                convs[key][1] += 1
+                convs[key][2] += int(np.prod(out[0])) * w[1] * w[2] * w[3]
     total = sum(v[0] for v in per.values()) or 1.0
-    return {op: {"ms": us / calls / 1e3, "pct": 100 * us / total, "nodes": n / calls}
-            for op, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])}
+    ops = {op: {"ms": us / calls / 1e3, "pct": 100 * us / total, "nodes": n / calls}
+           for op, (us, n) in sorted(per.items(), key=lambda kv: -kv[1][0])}
+    conv_rows = {k: {"nodes": n / calls, "ms": us / calls / 1e3, "gflops": 2 * macs / (us / 1e6) / 1e9}
+                 for k, (us, n, macs) in sorted(convs.items(), key=lambda kv: -kv[1][0])}
+    return {"ops": ops, "convs": conv_rows}
 
 
 def export_variants(model: str, out: Path, force: bool) -> dict[str, Path]:
@@ -149,10 +163,14 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['graph']} | {r['variant']} | {sum(ops.values())} | " + " | ".join(str(ops.get(c, 0)) for c in COLUMNS)
                      + f" | {other} | {r['macs'] / 1e6:.1f} | {r['best_s'] * 1e3:.1f} ({r['median_s'] * 1e3:.1f}) | "
                      f"{r['gflops']:.1f} | {100 * r['gflops'] / pk:.0f}% |")
-    for key, per in res["profile"].items():
+    for key, prof in res["profile"].items():
         lines += ["", f"ONNX Runtime profile, {key}, batch {res['batch']} (optimised graph's op types; kernel time):", "",
                   "| op type | nodes | ms/call | % |", "|---|---|---|---|"]
-        lines += [f"| {op} | {v['nodes']:.0f} | {v['ms']:.2f} | {v['pct']:.1f} |" for op, v in per.items()]
+        lines += [f"| {op} | {v['nodes']:.0f} | {v['ms']:.2f} | {v['pct']:.1f} |" for op, v in prof["ops"].items()]
+        lines += ["", f"Its Conv nodes by shape (channels in -> out, kernel, output size; % of the {pk:.0f} GFLOP/s "
+                  "ceiling):", "", "| convolution | nodes | ms/call | GFLOP/s | % of sgemm |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['nodes']:.0f} | {v['ms']:.2f} | {v['gflops']:.1f} | {100 * v['gflops'] / pk:.0f}% |"
+                  for k, v in prof["convs"].items()]
     return "\n".join(lines)
 
 

@@ -151,3 +151,20 @@ def test_option_a_shortcut_as_selection_conv_is_bit_exact():
         (m(yy) * g).sum().backward()
         grads.append(yy.grad)
     assert torch.equal(*grads)
+
+
+def test_graph_report_tiny(art20, tmp_path):
+    """benchmarks.graph_report on a tiny setting (it cannot rot): node counts, MACs, and the per-shape
+    convolution rates that say which layers hold ONNX Runtime's CPU kernels back."""
+    from benchmarks import graph_report
+    assert graph_report.main(["--artifacts", str(art20), "--batch", "2", "--threads", "1", "--rounds", "1",
+                              "--profile", "ap_grad", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "graph_report.json").read_text())
+    rows = {r["graph"]: r for r in res["rows"]}
+    assert set(rows) == {"classifier", "gs_grad", "ap_setup", "ap_grad"}
+    assert all("BatchNormalization" not in r["ops"] and r["macs"] > 0 and r["gflops"] > 0 for r in rows.values())
+    (prof,) = res["profile"].values()
+    # every Conv kernel the profiler saw is in the per-shape table, ResNet-20's first stage among them
+    assert sum(v["nodes"] for v in prof["convs"].values()) == prof["ops"]["Conv"]["nodes"]
+    assert "16->16 ch, 3x3, out 32x32" in prof["convs"] and all(v["gflops"] > 0 for v in prof["convs"].values())
+    assert "Its Conv nodes by shape" in (tmp_path / "graph_report.md").read_text()
