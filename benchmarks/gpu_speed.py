@@ -8,7 +8,7 @@ Rows per (model, batch), every one timed in this process on this device:
 * ``released``: the released code's cost (torch reference re-computing AP), the ratio's denominator;
 * ``autograd``: the torch runner (eager autograd, unfolded) + our CUDA kernels, the loop in one CUDA graph;
 * ``fast-fp32`` / ``fast-tf32`` / ``fast-bf16``: ``load_purifier(..., fast=True, precision=...)``: folded
-  BatchNorm, channels-last, torch.compile'd graph functions, cuDNN benchmark mode, the same CUDA graph;
+  BatchNorm, channels-last, torch.compile'd gradient graphs, cuDNN benchmark mode, the same CUDA graph;
 * with ``--autotune``, ``fast-fp32-autotune``: the same with inductor's max-autotune (convolution epilogues
   fused; minutes of compilation per graph and batch size).
 

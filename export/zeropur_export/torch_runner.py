@@ -9,8 +9,9 @@ It is the oracle's side of every comparison and the GPU path where no TensorRT i
 
 ``fast=True`` trades the oracle's eager autograd for speed (issue 18), and is checked against it like any
 backend: BatchNorm folded into the convolutions (``fold.fold_batchnorm``, on a copy), channels-last
-activations, each graph's function (``onnx_export.graph_functions``, the exporter's own) compiled by
-``torch.compile`` (inductor fuses the elementwise backward; the frozen weights are constants), cuDNN's
+activations, the two gradient graphs' functions (``onnx_export.graph_functions``, the exporter's own; the
+classifier and the AP setup run once per purification and stay eager) compiled by ``torch.compile``
+(inductor fuses the elementwise backward; the frozen weights are constants), cuDNN's
 benchmark mode on CUDA; on CUDA the compiled steps are captured with the whole loop in one CUDA graph.
 ``precision`` is float32 by default; ``"tf32"`` (CUDA) and ``"bf16"`` (autocast) are opt-in: sign steps
 amplify small gradient errors, so their agreement with float32 is measured (``benchmarks.gpu_speed``).
@@ -42,6 +43,7 @@ from zeropur_rt.manifest import graph_io
 from zeropur_rt.runners.base import DeviceBuffer, HostMemory
 
 GRAPHS = ("classifier", "gs_grad", "ap_setup", "ap_grad")
+COMPILED_GRAPHS = ("gs_grad", "ap_grad")  # every step calls one of them; compiling the others buys nothing
 Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -91,7 +93,7 @@ class TorchRunner(HostMemory):
         self.victim = victim.to(self.dev)
         self.fast, self.precision, self.autotune = fast, precision, autotune
         self.compute_victim = _fast_victim(self.victim) if fast else self.victim
-        self._compiled: dict[str, Callable[..., Any]] = {}
+        self._steps: dict[str, Callable[..., Any]] = {}
         if fast and self.on_device:
             torch.backends.cudnn.benchmark = True  # process-wide: cuDNN times its algorithms per shape, once
         self.cfg, self.ap_mode = cfg, ap_mode
@@ -167,13 +169,15 @@ class TorchRunner(HostMemory):
             yield
 
     def _run_fast(self, graph: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The graph's function compiled (once per runner; dynamo specialises it per batch size). Called under
-        no_grad so that inductor freezes the weights; ``torch.func.grad`` differentiates inside regardless."""
-        if graph not in self._compiled:
-            self._compiled[graph] = _compile_graph(self.compute_victim, self.cfg, graph, self.autotune)
+        """The graph's function on the folded victim, compiled for the gradient graphs (once per runner; dynamo
+        specialises it per batch size). Called under no_grad so that inductor freezes the weights;
+        ``torch.func.grad`` differentiates inside regardless."""
+        if graph not in self._steps:
+            self._steps[graph] = _graph_step(self.compute_victim, self.cfg, graph,
+                                             compiled=graph in COMPILED_GRAPHS, autotune=self.autotune)
         in_names, out_names = graph_io(graph, len(self.victim.spec.ila))
         with torch.no_grad():
-            out = self._compiled[graph](*(t[k] for k in in_names))
+            out = self._steps[graph](*(t[k] for k in in_names))
         return dict(zip(out_names, out))
 
     def _run_reference(self, graph: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -244,10 +248,10 @@ def _fast_victim(victim: Victim) -> Victim:
     return folded.to(memory_format=torch.channels_last)
 
 
-def _compile_graph(victim: Victim, cfg: ZeroPurConfig, graph: str,
-                   autotune: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
+def _graph_step(victim: Victim, cfg: ZeroPurConfig, graph: str, compiled: bool,
+                autotune: bool = False) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``graph``'s function as the exporter traces it (``onnx_export.graph_functions``), gradients by
-    ``torch.func``, inputs taken channels-last, outputs as a tuple in ``graph_io`` order, compiled."""
+    ``torch.func``, inputs taken channels-last, outputs as a tuple in ``graph_io`` order; compiled or not."""
     from zeropur_export.onnx_export import graph_functions
 
     fn, is_grad = graph_functions(victim, cfg)[graph]
@@ -263,8 +267,10 @@ def _compile_graph(victim: Victim, cfg: ZeroPurConfig, graph: str,
             return g, loss
         return (torch.func.grad(fn)(*args),)
 
+    if not compiled:
+        return step
     # Every runner's ``step`` shares this one code object, and dynamo counts compilations per code object:
-    # 4 graphs x batch sizes x runners (precisions, models) pass its default of 8, past which it runs
+    # 2 graphs x batch sizes x runners (precisions, models) pass its default of 8, past which it runs
     # eager without a word but a log line.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     # freezing: the weights are constants of the graph (inductor folds and prepacks them); needs no_grad calls
