@@ -51,8 +51,8 @@ def _pytest(path: str, out: Path, timeout: int) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t, 1)}
 
 
-def _timeit(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> dict[str, float]:
-    fn()  # warm-up (cuDNN / TensorRT tactics, CUDA graph capture)
+def time_calls(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> dict[str, float]:
+    fn()  # warm-up (cuDNN / TensorRT tactics, torch.compile, CUDA graph capture)
     sync()
     ts = []
     for _ in range(reps):
@@ -166,7 +166,7 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
             variants += [("tensorrt_device_loop", lambda: trt_eager.purify(x)),
                          ("tensorrt_device_loop_cuda_graph", lambda: trt_graph.purify(x))]
         for name, fn in variants:
-            row[name] = _guarded(lambda: _timeit(fn, sync, r))  # a failing variant does not cost the others
+            row[name] = _guarded(lambda: time_calls(fn, sync, r))  # a failing variant does not cost the others
         base = row["torch_released_code_cost"].get("median_s", float("nan"))
         row["speedup_vs_released"] = {kk: base / v["median_s"] for kk, v in row.items()
                                       if isinstance(v, dict) and "median_s" in v}

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from benchmarks.gpu_check import time_calls
+
 VARIANTS = ("released", "autograd", "fast-fp32", "fast-tf32", "fast-bf16", "fast-fp32-autotune")
 
 
@@ -61,18 +63,6 @@ def count_kernels(purify: Callable[[], Any], device: str) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
 
 
-def _timeit(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> float:
-    fn()  # warm-up: compilation, cuDNN's benchmark, the CUDA graph capture
-    sync()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x_all: np.ndarray, y_all: np.ndarray,
             agree_n: int, overrides: dict[str, Any], autotune: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The latency rows of every batch, then the agreement on ``agree_n`` images; one purifier per variant."""
@@ -96,7 +86,7 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
         calls |= {v: (lambda p=p: p.purify(x)) for v, p in purifiers.items()}
         row: dict[str, Any] = {"model": model, "batch": b, "device": device}
         for v, fn in calls.items():
-            s = _timeit(fn, sync, reps)
+            s = time_calls(fn, sync, reps)["median_s"]
             row[v] = {"ms_per_call": 1e3 * s, "ms_per_image": 1e3 * s / b, "gflops": flop * b / s / 1e9,
                       "x_vs_released": row["released"]["ms_per_call"] / (1e3 * s) if v != "released" else 1.0}
         if b == min(batches):  # eager (no CUDA graph) so that the profiler sees each launch; already compiled
@@ -108,25 +98,28 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
         print(f"  {model} batch {b}: " + ", ".join(f"{v} {row[v]['ms_per_call']:.1f} ms" for v in calls), flush=True)
     agree: dict[str, Any] = {}
     if agree_n:
-        agree = agreement(ReferencePurifier(victim, cfg, ap_mode="lean"), purifiers, x_all[:agree_n], y_all[:agree_n])
+        agree = agreement(ReferencePurifier(victim, cfg, ap_mode="lean"), purifiers, x_all[:agree_n], y_all[:agree_n],
+                          max(batches))
     for p in purifiers.values():
         p.close()
     return rows, agree
 
 
-def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray, batch: int = 250) -> dict[str, Any]:
-    """Predictions after purification: each fast precision against the eager float32 reference's."""
+def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, Any]:
+    """Predictions after purification: each fast precision against the eager float32 reference's. Every call
+    has ``batch`` images (the last one topped up from the start and cut back): a compiled step is specialised
+    to its batch size, and a new size would compile again."""
     import torch
 
     victim, device = ref.victim, ref.runner.dev
     fast = {v: p for v, p in purifiers.items() if v.startswith("fast")}
     preds: dict[str, list[np.ndarray]] = {v: [] for v in ("reference", *fast)}
     for i in range(0, len(x), batch):
-        xb = x[i:i + batch]
+        xb, n = x[np.arange(i, i + batch) % len(x)], min(batch, len(x) - i)
         with torch.no_grad():
-            preds["reference"].append(victim(ref.purify(torch.from_numpy(xb).to(device))).argmax(1).cpu().numpy())
+            preds["reference"].append(victim(ref.purify(torch.from_numpy(xb).to(device))).argmax(1).cpu().numpy()[:n])
         for v, p in fast.items():
-            preds[v].append(p.purify_and_classify(xb)[1])
+            preds[v].append(p.purify_and_classify(xb)[1][:n])
     p_ref = np.concatenate(preds.pop("reference"))
     out: dict[str, Any] = {"n": len(x), "accuracy_reference": 100 * float(np.mean(p_ref == y))}
     for v, ps in preds.items():

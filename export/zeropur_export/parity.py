@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -191,23 +191,25 @@ class OrtGraphs:
 
     def run(self, name: str, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
         ins, _ = graph_io(name, self.manifest.n_ila)
-        feed = {k: np.ascontiguousarray(np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v,
-                                                   dtype=np.float32)) for k, v in zip(ins, inputs)}
-        return self.sessions[name].run(None, feed)
+        return self.sessions[name].run(None, _feed(ins, inputs))
+
+
+def _feed(names: Sequence[str], inputs: Sequence[torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v,
+                                               dtype=np.float32)) for k, v in zip(names, inputs)}
 
 
 class RunnerGraphs:
     """A host runner's graphs (the fast torch runner, say) behind ``OrtGraphs``' interface, so that ``parity``
     judges them by the same rule."""
 
-    def __init__(self, runner, graphs: Sequence[str], n_ila: int):
+    def __init__(self, runner: Any, graphs: Sequence[str], n_ila: int):
         self.runner, self.n_ila = runner, n_ila
         self.sessions = dict.fromkeys(graphs)
 
     def run(self, name: str, inputs: Sequence[torch.Tensor | np.ndarray]) -> list[np.ndarray]:
         ins, outs = graph_io(name, self.n_ila)
-        feed = {k: np.ascontiguousarray(np.asarray(v.detach().numpy() if isinstance(v, torch.Tensor) else v,
-                                                   dtype=np.float32)) for k, v in zip(ins, inputs)}
+        feed = _feed(ins, inputs)
         shapes = self.runner.output_shapes(name, len(feed[ins[0]]))
         result = {k: np.zeros(shapes[k], np.float32) for k in outs}
         self.runner.run(name, feed, result)
