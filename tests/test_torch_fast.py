@@ -60,9 +60,9 @@ def test_fast_loop_agrees_with_the_reference(fast20, art20, victim20, x_n):
 
 
 def test_each_fast_runner_computes_with_its_own_weights(fast20, victim20, x_n):
-    """Inductor freezes the weights into the compiled graph, and dynamo caches compilations per code object
-    (shared by every runner): a second network of the same architecture, shapes and batch must not be
-    served the first one's graph."""
+    """Dynamo caches compilations per code object, shared by every runner, and inductor's freezing treats
+    weights as constants: a second network of the same architecture, shapes and batch may share the first
+    one's compilation, but never its weights."""
     from zeropur_export.parity import RunnerGraphs, rel_err
     from zeropur_export.torch_runner import TorchRunner
     from zeropur_export.zoo import load_victim
