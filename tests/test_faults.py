@@ -108,6 +108,17 @@ def kill_trial(parent: Path, stage: str, jitter: float) -> dict:
             "rerun": "exported" if rerun.returncode == 0 else "asked for --force", "rerun_s": round(time.perf_counter() - t, 1)}
 
 
+def test_a_complete_temp_dir_does_not_load(tiny, tmp_path):
+    """A SIGKILL between the manifest write and the rename that commits leaves a temp dir whose files are all
+    there (CI killed an export in that window once): it must not load; the same files, committed, do."""
+    partial = tmp_path / ".art.k1ll3d.partial"
+    shutil.copytree(tiny, partial)
+    with pytest.raises(ArtifactError, match="export that did not finish"):
+        load_manifest(partial)
+    shutil.copytree(partial, tmp_path / "art")
+    assert load_manifest(tmp_path / "art").graphs
+
+
 def test_sigkill_during_export_leaves_nothing_that_loads(tmp_path):
     """Kill points at random stages of an export (start-up, after each graph file, after the manifest, after the
     rename), each with a random jitter; CI runs one, ZEROPUR_KILL_TRIALS more."""

@@ -78,7 +78,18 @@ def graph_io(name: str, n_ila: int) -> tuple[list[str], list[str]]:
 
 def load_manifest(artifact_dir: str | os.PathLike, verify_files: bool = True) -> Manifest:
     """Read and check a manifest: format version, every field's type and range, graph I/O names, files
-    inside the directory, and (by default) every file's sha256. Anything else is an ArtifactError."""
+    inside the directory, and (by default) every file's sha256. Anything else is an ArtifactError, and so
+    is an export's temp directory (``.NAME.*.partial``): an export killed between writing its manifest and
+    the rename that commits it leaves one complete-looking."""
+    d = Path(artifact_dir)
+    if d.name.startswith(".") and d.name.endswith(".partial"):
+        raise ArtifactError(f"{d} is the temp directory of an export that did not finish (an export is renamed "
+                            f"into place only when complete); {REBUILD_HINT}")
+    return check_manifest(d, verify_files)
+
+
+def check_manifest(artifact_dir: str | os.PathLike, verify_files: bool = True) -> Manifest:
+    """``load_manifest``'s checks wherever the directory lies (the exporter's round trip on its temp dir)."""
     d = Path(artifact_dir)
     p = d / MANIFEST
     if p.is_symlink() or not p.is_file():

@@ -30,7 +30,7 @@ from zeropur_export.taps import Victim
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.errors import ZeroPurError
 from zeropur_rt.files import atomic_write_json, default_mode, sha256_file
-from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, graph_io, load_manifest
+from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, check_manifest, graph_io
 
 DEFAULT_OPSET = 18  # the dynamo exporter emits opset >= 18; TensorRT 10 parses 9..24 (8.6: up to 17)
 GRAPHS_FULL = ("classifier", "gs_grad", "ap_setup", "ap_grad")
@@ -379,7 +379,7 @@ def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathL
             tools={**tool_versions(), **({"bn_folded": folded.summary()} if fold else {})},
             graphs=graph_specs, files=files, calibration=calibration)
         atomic_write_json(tmp / MANIFEST, manifest.to_dict())
-        load_manifest(tmp)  # round trip: what the runtime will read
+        check_manifest(tmp)  # round trip: what the runtime will read
         _commit(tmp, out_dir, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
