@@ -83,8 +83,8 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_files: bool = True) ->
     the rename that commits it leaves one complete-looking."""
     d = Path(artifact_dir)
     if d.name.startswith(".") and d.name.endswith(".partial"):
-        raise ArtifactError(f"{d} is the temp directory of an export that did not finish (an export is renamed "
-                            f"into place only when complete); {REBUILD_HINT}")
+        raise ArtifactError(f"{d} is not an artifact directory: it is the temp directory of an export that did "
+                            f"not finish (an export is renamed into place only when complete); {REBUILD_HINT}")
     return check_manifest(d, verify_files)
 
 
