@@ -19,6 +19,8 @@ from zeropur_rt.files import inside, read_json_object, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# An export writes into ".NAME.<random>" + PARTIAL_SUFFIX beside its destination and renames it when complete.
+PARTIAL_SUFFIX = ".partial"
 REBUILD_HINT = "rebuild it with `zeropur-export export MODEL --out DIR --force`"
 
 # Graph I/O names (format version 1). ap_setup/ap_grad carry one ila_dir_<l> per ILA layer.
@@ -82,7 +84,7 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_files: bool = True) ->
     is an export's temp directory (``.NAME.*.partial``): an export killed between writing its manifest and
     the rename that commits it leaves one complete-looking."""
     d = Path(artifact_dir)
-    if d.name.startswith(".") and d.name.endswith(".partial"):
+    if d.name.startswith(".") and d.name.endswith(PARTIAL_SUFFIX):
         raise ArtifactError(f"{d} is not an artifact directory: it is the temp directory of an export that did "
                             f"not finish (an export is renamed into place only when complete); {REBUILD_HINT}")
     return check_manifest(d, verify_files)

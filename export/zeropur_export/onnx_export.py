@@ -30,7 +30,7 @@ from zeropur_export.taps import Victim
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.errors import ZeroPurError
 from zeropur_rt.files import atomic_write_json, default_mode, sha256_file
-from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, Manifest, check_manifest, graph_io
+from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, Manifest, check_manifest, graph_io
 
 DEFAULT_OPSET = 18  # the dynamo exporter emits opset >= 18; TensorRT 10 parses 9..24 (8.6: up to 17)
 GRAPHS_FULL = ("classifier", "gs_grad", "ap_setup", "ap_grad")
@@ -272,7 +272,7 @@ def _clear_leftovers(out_dir: Path, say: Callable[[str], None]) -> None:
     """Under the lock, what a killed export left beside ``out_dir``: temp dirs (removed) and, if it died
     inside a --force swap, the previous directory (put back when ``out_dir`` is gone, else removed)."""
     name = "".join(f"[{c}]" if c in "*?[" else c for c in out_dir.name)  # glob-escaped
-    for p in sorted(out_dir.parent.glob(f".{name}.*.partial")):
+    for p in sorted(out_dir.parent.glob(f".{name}.*{PARTIAL_SUFFIX}")):
         shutil.rmtree(p, ignore_errors=True)
         say(f"removed {p.name}, left by an export that was killed")
     for p in sorted(out_dir.parent.glob(f".{name}.*.old")):
@@ -292,7 +292,7 @@ def _prepare_destination(out_dir: Path, force: bool) -> Path:
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=PARTIAL_SUFFIX, dir=parent))
     except PermissionError as e:
         raise PermissionError(f"cannot write the artifact directory {out_dir}: {parent} is not writable ({e})") from e
     except OSError as e:
