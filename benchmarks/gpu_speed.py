@@ -68,7 +68,7 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
     """The latency rows of every batch, then the agreement on ``agree_n`` images; one purifier per variant."""
     import torch
 
-    from zeropur_export.costs import purification_macs
+    from zeropur_rt.macs import purification_macs
     from zeropur_export.reference import ReferencePurifier
     from zeropur_export.zoo import load_victim
 

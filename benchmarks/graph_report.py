@@ -128,7 +128,8 @@ def export_variants(model: str, out: Path, force: bool) -> dict[str, Path]:
 
 
 def report(dirs: dict[str, Path], batch: int, threads: int, rounds: int, profile: list[str]) -> dict[str, Any]:
-    from zeropur_export.costs import cpu_peak_gflops, graph_macs
+    from zeropur_export.costs import cpu_peak_gflops
+    from zeropur_rt.macs import graph_macs
     manifests = {k: load_manifest(d) for k, d in dirs.items()}
     graphs = [g for g in next(iter(manifests.values())).graphs if all(g in m.graphs for m in manifests.values())]
     peaks = [cpu_peak_gflops(threads)]

@@ -1,7 +1,8 @@
 """`zeropur-export bench` on a tiny setting (so it cannot rot), its cost model, its --set handling and bad input;
-`zeropur-export demo` and the command line around them."""
+`zeropur-rt bench` (deploy time, no torch); `zeropur-export demo` and the command line around them."""
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -23,6 +24,9 @@ def test_bench_tiny_writes_table_json_and_plot(art20, tmp_path, capsys):
     md = (out / "latency.md").read_text()
     assert (out / "latency.png").stat().st_size > 1000 and "| onnxruntime (2 workers) | 2 |" in md
     assert "| onnxruntime (1 worker) | 2 |" in md and "| released | 2 |" in md
+    # a single image on two workers: the session it ran on was measured, and the table says which
+    probed = [(r["workers"], r["batch"]) for r in res["rows"] if "single_image" in r]
+    assert probed == [(2, 1)] and "one-thread worker's (same bytes: " in md
     # the runtime rows carry the Purifier's stage timings, every stage of the loop present
     for r in res["rows"]:
         assert ("stages_pct" in r) == (r["backend"] == "onnxruntime")
@@ -130,3 +134,44 @@ def test_cli_commands_and_errors(tmp_path, capsys):
     assert "no calibrated recipe ships for resnet32" in capsys.readouterr().err
     assert main(["export", "resnet20", "--out", str(tmp_path / "a"), "--random-init", "--set", "eps=8/0"]) == 2
     assert "--set eps=8/0" in capsys.readouterr().err
+
+
+def test_rt_bench_times_the_runtime_without_torch(art20, tmp_path):
+    """`zeropur-rt bench` (deploy time) in a fresh interpreter: a row per worker count and batch, stage shares of
+    every stage, the single-image probe on the two-worker batch-1 row alone, achieved GFLOP/s from the graphs'
+    MACs, and torch never imported."""
+    import subprocess
+    import sys
+    out = tmp_path / "rt"
+    code = ("import sys; from zeropur_rt.cli import main; "
+            f"rc = main(['bench', {str(art20)!r}, '--threads', '2', '--workers', '1', '2', '--batch', '1', '3', "
+            f"'--repeats', '2', '--set', 'gs_steps=1', 'ap_steps=2', '--out', {str(out)!r}]); "
+            "assert 'torch' not in sys.modules, 'zeropur-rt bench imported torch'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "latency.json").read_text())
+    assert [(r["workers"], r["batch"], r["repeats"]) for r in res["rows"]] == [(1, 1, 2), (1, 3, 2), (2, 1, 2), (2, 3, 2)]
+    for r in res["rows"]:
+        assert r["p50_s"] > 0 and r["s_per_image"] == pytest.approx(r["p50_s"] / r["batch"])
+        assert {"blur", "gs_engine", "gs_update", "ap_setup", "ap_engine", "ap_update"} <= set(r["stages_pct"])
+        assert sum(r["stages_pct"].values()) == pytest.approx(100)
+        assert ("single_image" in r) == (r["workers"] == 2 and r["batch"] == 1)
+        assert r["achieved_gflops"] == pytest.approx(2 * res["macs_per_image"] * r["batch"] / r["p50_s"] / 1e9)
+    assert res["config"]["gs_steps"] == 1 and res["config"]["ap_steps"] == 2
+    md = (out / "latency.md").read_text()
+    assert "| onnxruntime (2 workers) | cpu | 3 |" in md and "single images ran on the" in md
+    assert md.strip() in proc.stdout
+
+
+def test_rt_bench_bad_input_writes_nothing(art20, tmp_path, capsys):
+    from zeropur_rt.cli import main
+    out = tmp_path / "rt"
+    assert main(["bench", str(art20), "--batch", "1", "65", "--out", str(out)]) == 2
+    assert "batch of 65 images exceeds the maximum batch 64" in capsys.readouterr().err
+    assert main(["bench", str(art20), "--repeats", "0", "--out", str(out)]) == 2
+    assert "need --repeats >= 1" in capsys.readouterr().err
+    few = tmp_path / "few.npz"
+    np.savez(few, x=np.zeros((2, 32, 32, 3), np.uint8))
+    assert main(["bench", str(art20), "--batch", "4", "--data", str(few), "--out", str(out)]) == 2
+    assert "holds 2 images; the largest --batch needs 4" in capsys.readouterr().err
+    assert not out.exists()

@@ -57,7 +57,7 @@ def test_numpy_and_host_kernels_give_identical_bytes(art20, cifar):
 def test_workers_split_a_batch_and_give_the_unsplit_bytes(art20, cifar, randomised):
     """Three one-thread workers on ten images (shards 3 / 4 / 3) give, image by image, the bytes one one-thread
     session gives the whole batch: images, classes, iterates; a randomised config's draws too (drawn for the
-    batch, then split). A single image runs on the purifier's own session."""
+    batch, then split). A single image too, on whichever session it runs (``test_single_image_session``)."""
     from zeropur_rt.errors import ConfigError
     x = cifar[0][:10]
     over = dict(gs_steps=3, ap_steps=4, **(dict(random_start=True, blur_sigma_jitter=0.5) if randomised else {}))
@@ -80,6 +80,36 @@ def test_workers_split_a_batch_and_give_the_unsplit_bytes(art20, cifar, randomis
         Purifier.load(art20, device="cuda", workers=2)
     split.close()
     assert all(w.runner is None for w in split._shards)
+
+
+def test_single_image_session(art20, cifar):
+    """With workers, a single image runs on the session the first single-image call measured faster on one
+    Guided Shift gradient call (the one-thread worker's where the two disagree on a byte), and it comes out
+    with the same bytes whichever session runs it."""
+    from zeropur_rt.errors import ConfigError
+    x = cifar[0][:1]
+    over = dict(gs_steps=2, ap_steps=3)
+    auto = Purifier.load(art20, threads=2, overrides=over)
+    assert auto.workers == 2 and auto.single_image == "auto" and auto.single_image_probe is None
+    out = auto.purify(x)
+    probe = auto.single_image_probe
+    assert probe["own_ms"] > 0 and probe["worker_ms"] > 0
+    faster = "own" if probe["own_ms"] < probe["worker_ms"] else "worker"
+    assert auto.single_image == probe["chosen"] == (faster if probe["same_bytes"] else "worker")
+    print(f"\nsingle image: {probe}")
+    two = auto.purify(cifar[0][:2])  # two images: one per worker, the probe is not taken again
+    assert auto.single_image_probe is probe
+    for where in ("own", "worker"):
+        pinned = Purifier.load(art20, threads=2, overrides=over, single_image=where)
+        assert pinned.single_image == where and pinned.purify(x).tobytes() == out.tobytes()
+        assert pinned.single_image_probe is None
+    one = Purifier.load(art20, threads=1, overrides=over)
+    assert one.single_image == "own" and one.purify(x).tobytes() == out.tobytes()
+    assert two[:1].tobytes() == out.tobytes()
+    with pytest.raises(ConfigError, match="single_image must be one of auto, own, worker"):
+        Purifier.load(art20, single_image="fast")
+    with pytest.raises(ConfigError, match="needs workers >= 2"):
+        Purifier.load(art20, threads=2, workers=1, single_image="worker")
 
 
 def test_input_forms_agree(art20, cifar):

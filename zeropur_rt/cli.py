@@ -1,4 +1,4 @@
-"""``zeropur-rt``: the deploy-time commands over an artifact directory: purify, classify, info, triton-repo.
+"""``zeropur-rt``: the deploy-time commands over an artifact directory: purify, classify, bench, info, triton-repo.
 
 Build-time work (export, build-engines, calibrate, demo, bench, eval) is ``zeropur-export``'s.
 """
@@ -9,7 +9,7 @@ import io
 import json
 import sys
 import time
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -19,8 +19,11 @@ from zeropur_rt.errors import ZeroPurError
 from zeropur_rt.manifest import load_manifest
 from zeropur_rt.progress import progress
 
+if TYPE_CHECKING:
+    from zeropur_rt.pipeline import Purifier
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+
+def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact_dir", help="directory written by zeropur-export")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--device", default=None, help="cpu (default for onnxruntime) or cuda[:N] (default for tensorrt)")
@@ -28,14 +31,30 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="with --backend onnxruntime --device cuda: its CUDA (default) or TensorRT execution provider")
     p.add_argument("--kernels", default="auto", choices=["auto", "host", "numpy", "cuda"])
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="CPU: one-thread sessions each batch is split across "
-                   "(default --threads; 1: one --threads-thread session for every batch)")
-    p.add_argument("--batch", type=int, default=None, help="images per call (default: the artifact's opt batch)")
+    p.add_argument("--single-image", choices=["auto", "own", "worker"], default="auto",
+                   help="with workers, the session a single image runs on: the faster one, measured on the first "
+                   "single-image call (auto), the --threads-thread one (own) or a one-thread worker's (worker)")
     p.add_argument("--no-cuda-graph", action="store_true", help="on a GPU, launch the device loop eagerly (no CUDA graph)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="loop overrides (steps, eps, step sizes, sigma), e.g. --set gs_steps=5 eps=8/255")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of a randomised config's draws (--set random_start=true / blur_sigma_jitter=...)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    _add_session_args(p)
+    p.add_argument("--workers", type=int, default=None, help="CPU: one-thread sessions each batch is split across "
+                   "(default --threads; 1: one --threads-thread session for every batch)")
+    p.add_argument("--batch", type=int, default=None, help="images per call (default: the artifact's opt batch)")
+
+
+def _load(args: argparse.Namespace, workers: int | None) -> "Purifier":
+    from zeropur_rt.pipeline import Purifier
+
+    extra = {"provider": args.ort_provider} if args.ort_provider else {}
+    return Purifier.load(args.artifact_dir, args.backend, args.device, args.kernels, args.threads,
+                         overrides=parse_sets(args.set), cuda_graph=not args.no_cuda_graph, seed=args.seed,
+                         workers=workers, single_image=args.single_image, **extra)
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -45,13 +64,8 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
     from zeropur_rt.images import read_images
-    from zeropur_rt.pipeline import Purifier
 
-    extra = {"provider": args.ort_provider} if args.ort_provider else {}
-    pur = Purifier.load(args.artifact_dir, args.backend, args.device, args.kernels, args.threads,
-                        overrides=parse_sets(args.set), cuda_graph=not args.no_cuda_graph, seed=args.seed,
-                        workers=args.workers, **extra)
-    with pur:
+    with _load(args, args.workers) as pur:
         x, y, names = read_images(args.input, tuple(pur.chw), args.resize, pur.manifest.num_classes)
         size = min(args.batch or int(pur.manifest.batch.get("opt", pur.max_batch)), pur.max_batch)
         outs, preds = [], []
@@ -134,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--resize", choices=["crop", "refuse"], default="refuse",
                        help="images of another size: refuse them (default), or scale to cover + centre crop")
         p.add_argument("--out", default=None, help="output .npz (x_purified, pred, names[, y])")
+    from zeropur_rt import bench
+    p = sub.add_parser("bench", help="purification latency per batch size and worker count",
+                       description=(bench.__doc__ or "").splitlines()[0])
+    _add_session_args(p)
+    bench.add_args(p)
     p = sub.add_parser("info", help="print and verify an artifact directory's manifest")
     p.add_argument("artifact_dir")
     _add_triton_repo_args(sub.add_parser("triton-repo", help="write a Triton Inference Server model repository"))
@@ -143,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_info(args)
         if args.cmd == "triton-repo":
             return _cmd_triton_repo(args)
+        if args.cmd == "bench":
+            return bench.run(args, lambda workers: _load(args, workers))
         return _cmd_purify(args, args.cmd == "purify")
     except (ZeroPurError, ValueError, OSError, ImportError) as e:  # ArtifactError, OutputError, ...
         print(f"zeropur-rt {args.cmd}: error: {e}", file=sys.stderr)

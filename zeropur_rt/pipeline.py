@@ -7,7 +7,7 @@
 Every backend runs the same loop (``zeropur_rt.schedule``). Host runners run it eagerly on numpy
 buffers; on the CPU a batch is split across ``workers`` one-thread sessions run side by side (a core
 each: on a 2-core CPU 1.4-1.5x the throughput of one session on two intra-op threads, whose small
-kernels wait on each other). Device runners keep every tensor on the GPU: the input is uploaded once,
+kernels wait on each other), and a single image runs on whichever session was measured faster. Device runners keep every tensor on the GPU: the input is uploaded once,
 the result and the logits downloaded once, and the loop of each batch size is captured into a CUDA
 graph after its first (eager) run and replayed from then on. Timings and iterates need the eager loop, so they never replay.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -28,9 +29,11 @@ import zeropur_rt.schedule as schedule
 from zeropur_rt.config import ZeroPurConfig, apply_overrides
 from zeropur_rt.engine_record import check_batch
 from zeropur_rt.errors import ConfigError, InputError, ZeroPurError
-from zeropur_rt.manifest import Manifest, load_manifest
+from zeropur_rt.manifest import Manifest, graph_io, load_manifest
 from zeropur_rt.schedule import LoopBuffers, StageTimes
 from zeropur_rt.validate import check_images
+
+SINGLE_IMAGE = ("auto", "own", "worker")
 
 
 @dataclass
@@ -82,9 +85,16 @@ class Purifier:
 
     Workers (host runners on the CPU, ``Purifier.load(..., workers=)``): a batch of at least two images is
     split into contiguous shards, one per worker, each purified by a purifier of its own on a one-thread
-    session, side by side; a single image runs on this purifier's own ``threads``-thread session. Every
-    image comes out with the bytes a one-thread session gives the unsplit batch (ONNX Runtime computes
-    each image alone; tested), a randomised config's draws included: drawn for the whole batch, then split.
+    session, side by side. Every image comes out with the bytes a one-thread session gives the unsplit
+    batch (ONNX Runtime computes each image alone; tested), a randomised config's draws included: drawn
+    for the whole batch, then split.
+
+    A single image runs on one session: this purifier's ``threads``-thread one or the first worker's
+    one-thread one (``single_image``). Splitting one small image's kernels across threads can cost more
+    than it saves: ResNet-20's ~230 kernels per gradient call last ~9 us each at batch 1, about what
+    waking a sleeping thread takes (spinning is off). So by default ("auto") the first single-image
+    call times one gradient call on each session and keeps the faster, if both gave the same bytes (the
+    one-thread session otherwise); ``single_image_probe`` holds what it measured.
     """
 
     def __init__(self, runner: Any, kernels: Any, cfg: ZeroPurConfig, *, input_shape: tuple[int, int, int],
@@ -104,12 +114,14 @@ class Purifier:
         self._lock = threading.Lock()
         self._shards: list[Purifier] = []
         self._pool: ThreadPoolExecutor | None = None
+        self._single_image = "own"  # "auto" until measured, then "own" or "worker"; set by load
+        self.single_image_probe: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, artifact_dir: str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
              kernels: str = "auto", threads: int | None = None, overrides: dict[str, Any] | None = None,
              cuda_graph: bool = True, seed: int | None = None, workers: int | None = None,
-             **runner_kwargs: Any) -> "Purifier":
+             single_image: str = "auto", **runner_kwargs: Any) -> "Purifier":
         """Verify the artifact directory (manifest + every file hash), then build the runner and kernels.
 
         ``device``: "cpu" (default for onnxruntime) or "cuda[:N]" (default for tensorrt). ``overrides``
@@ -117,13 +129,18 @@ class Purifier:
         into the graphs are refused. ``seed`` seeds a randomised config's draws (``random_start``,
         ``blur_sigma_jitter``); a deterministic config draws nothing. ``workers`` (CPU only; default
         ``threads``): one-thread sessions a batch is split across (see the class); 1 runs every batch on
-        one ``threads``-thread session.
+        one ``threads``-thread session. ``single_image`` (with workers): "auto" (measured once), "own" (the
+        ``threads``-thread session) or "worker" (a one-thread worker's).
         """
         from zeropur_rt.runners import load_runner
         d = Path(artifact_dir)
         manifest = load_manifest(d)
         device = device or ("cuda" if backend == "tensorrt" else "cpu")
         n_workers = _resolve_workers(workers, threads, device)
+        if single_image not in SINGLE_IMAGE:
+            raise ConfigError(f"single_image must be one of {', '.join(SINGLE_IMAGE)}, got {single_image!r}")
+        if single_image == "worker" and n_workers < 2:
+            raise ConfigError("single_image='worker' runs a single image on a one-thread worker: it needs workers >= 2")
         per_worker = max(1, (threads or n_workers) // n_workers)
         plan = [(threads, seed)] + ([(per_worker, None)] * n_workers if n_workers > 1 else [])
         built: list[Purifier] = []
@@ -140,6 +157,7 @@ class Purifier:
                 p.close()
             raise
         built[0]._shards = built[1:]
+        built[0]._single_image = single_image if n_workers > 1 else "own"
         return built[0]
 
     @classmethod
@@ -199,7 +217,7 @@ class Purifier:
         drawn = self.draw(x_in.shape)
         k = min(len(self._shards), len(x_in))
         if k < 2:
-            return self._run(x_in, classify, timings, iterates, drawn)
+            return self._single_image_session(x_in)._run(x_in, classify, timings, iterates, drawn)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(len(self._shards), thread_name_prefix="zeropur-worker")
         cuts = np.linspace(0, len(x_in), k + 1).round().astype(int)
@@ -208,6 +226,20 @@ class Purifier:
                 for w, p in zip(self._shards, parts)]
         wait(done)  # every worker idle again before this call returns or raises
         return _merge([f.result() for f in done])
+
+    @property
+    def single_image(self) -> str:
+        """Where a single image runs: "own", "worker", or "auto" until the first single-image call measures it."""
+        return self._single_image
+
+    def _single_image_session(self, x_in: np.ndarray) -> "Purifier":
+        """The purifier whose session purifies a batch that is not split (under this purifier's lock)."""
+        if len(x_in) != 1 or not self._shards:
+            return self
+        if self._single_image == "auto":
+            self.single_image_probe = _probe_single_image(self, self._shards[0], x_in)
+            self._single_image = self.single_image_probe["chosen"]
+        return self._shards[0] if self._single_image == "worker" else self
 
     def _run(self, x_in: np.ndarray, classify: bool, timings: bool, iterates: bool, drawn: schedule.Draw | None
              ) -> tuple[np.ndarray, np.ndarray | None, StageTimes | None, Iterates | None]:
@@ -288,6 +320,9 @@ class Purifier:
     def run_graph(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of one exported graph on host arrays, outside the loop (parity checks feed it the
         reference's iterates)."""
+        return self._call_graph(graph, feeds)
+
+    def _call_graph(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         r = self.runner
         n = len(next(iter(feeds.values())))
         ins = {k: r.alloc(np.shape(v), k) for k, v in feeds.items()}
@@ -328,6 +363,24 @@ class Purifier:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _probe_single_image(own: Purifier, worker: Purifier, x: np.ndarray, rounds: int = 3) -> dict[str, Any]:
+    """Time the Guided Shift gradient on one image on both sessions (a warm-up call each, then the best of
+    ``rounds`` interleaved calls) and choose the faster one, if both computed the same bytes; the one-thread
+    worker otherwise (its bytes are the ones the workers' contract promises)."""
+    feeds = {name: x for name in graph_io("gs_grad", 0)[0]}
+    best = {"own": float("inf"), "worker": float("inf")}
+    outs: dict[str, dict[str, np.ndarray]] = {}
+    for i in range(rounds + 1):
+        for key, p in (("own", own), ("worker", worker)):
+            t = time.perf_counter()
+            outs[key] = p._call_graph("gs_grad", feeds)
+            if i:
+                best[key] = min(best[key], time.perf_counter() - t)
+    same = all(outs["own"][k].tobytes() == outs["worker"][k].tobytes() for k in outs["own"])
+    chosen = "own" if same and best["own"] < best["worker"] else "worker"
+    return dict(chosen=chosen, same_bytes=same, own_ms=1e3 * best["own"], worker_ms=1e3 * best["worker"])
 
 
 def _resolve_workers(workers: int | None, threads: int | None, device: str) -> int:

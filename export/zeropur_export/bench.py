@@ -14,15 +14,13 @@ rather than changed on the torch rows alone.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import resource
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from zeropur_rt.bench import detail_lines, label, latency_stats, machine_facts, time_purifier, timed
 from zeropur_rt.config import ZeroPurConfig, apply_overrides, parse_sets
 from zeropur_rt.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from zeropur_rt.progress import progress
@@ -34,51 +32,18 @@ TORCH_BACKENDS = ("released", "lean", "torch-cuda")
 ALL_BACKENDS = (*TORCH_BACKENDS, "torch-fast", "onnxruntime")
 
 
-def _rss_mib() -> dict[str, float]:
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("VmRSS", "VmHWM")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    except OSError:
-        out["VmHWM"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
-
-
 def machine_info() -> dict[str, Any]:
-    import onnxruntime
     import torch
-    info = dict(python=platform.python_version(), machine=platform.machine(), processor=platform.processor(),
-                cpus=os.cpu_count(), torch=torch.__version__, onnxruntime=onnxruntime.__version__,
-                numpy=np.__version__, omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
-    try:
-        info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                                 if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info = machine_facts() | dict(torch=torch.__version__)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
-def _timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
 def make_purify_fn(backend: str, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,
-                   threads: int, x: np.ndarray, workers: int | None = None
-                   ) -> tuple[Callable[[], None], dict[str, float] | None]:
-    """A zero-argument callable purifying ``x`` on ``backend``, and a stage-time accumulator or None.
-
-    ``cfg`` is the artifact's config with ``overrides`` applied: the torch rows run it, the runtime
-    row loads the artifact with the same overrides."""
+                   threads: int, x: np.ndarray) -> Callable[[], None]:
+    """A zero-argument callable purifying ``x`` on a torch ``backend`` (the runtime rows are timed by
+    ``zeropur_rt.bench.time_purifier``). ``cfg`` is the artifact's config with ``overrides`` applied."""
     if backend in TORCH_BACKENDS:
         import torch
 
@@ -93,27 +58,18 @@ def make_purify_fn(backend: str, victim: "Victim", cfg: ZeroPurConfig, overrides
             pur.purify(xt)
             if dev == "cuda":
                 torch.cuda.synchronize()
-        return run, None
+        return run
     if backend == "torch-fast":  # compiles on its first call: --warmup >= 1 keeps that out of the timings
         from zeropur_export.torch_runner import load_purifier
         fast = load_purifier(art, "cpu", victim=victim, overrides=overrides, threads=threads, fast=True)
-        return lambda: fast.purify(x), None
-    if backend == "onnxruntime":
-        from zeropur_rt.pipeline import Purifier
-        pur = Purifier.load(art, "onnxruntime", threads=threads, overrides=overrides, workers=workers)
-        stages: dict[str, float] = {}
-
-        def run():
-            _, st = pur.purify(x, timings=True)
-            for k, v in st.seconds.items():
-                stages[k] = stages.get(k, 0.0) + v
-        return run, stages
+        return lambda: fast.purify(x)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(ALL_BACKENDS)}")
 
 
 def run_latency(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,
                 log: Callable[[str], None]) -> dict[str, Any]:
-    from zeropur_export.costs import cpu_peak_gflops, forward_equivalents, purification_macs
+    from zeropur_export.costs import cpu_peak_gflops, forward_equivalents
+    from zeropur_rt.macs import purification_macs
 
     x_all, _ = bench_images(args, victim, max(args.batch), labels=False)
     cost = dict(fe_released=forward_equivalents(victim, cfg, "recompute"), fe_lean=forward_equivalents(victim, cfg, "lean"),
@@ -123,19 +79,17 @@ def run_latency(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, 
     combos = [(be, b, w) for b in args.batch for be in args.backends
               for w in (runtime_workers if be == "onnxruntime" else [None])]
     for be, b, w in progress(combos, "bench"):
-        fn, stages = make_purify_fn(be, victim, cfg, overrides, art, args.threads, x_all[:b], w)
         reps = args.repeats if be != "released" or b <= 32 else max(1, args.repeats // 2)
-        t = np.array(_timed(fn, args.warmup, reps))
-        p50 = float(np.percentile(t, 50))
-        flops = 2 * cost["macs"]["purification"] * b
-        row = dict(backend=be, workers=w, batch=b, repeats=len(t), p50_s=p50, p90_s=float(np.percentile(t, 90)),
-                   p99_s=float(np.percentile(t, 99)), s_per_image=p50 / b, images_per_s=b / p50,
-                   achieved_gflops=flops / p50 / 1e9, mem_mib=_rss_mib())
-        if stages:
-            tot = sum(stages.values())
-            row["stages_pct"] = {k: 100 * v / tot for k, v in stages.items()}
+        if be == "onnxruntime":
+            from zeropur_rt.pipeline import Purifier
+            with Purifier.load(art, "onnxruntime", threads=args.threads, overrides=overrides, workers=w) as pur:
+                row = dict(backend=be, workers=w, batch=b, **time_purifier(pur, x_all[:b], args.warmup, reps))
+        else:
+            fn = make_purify_fn(be, victim, cfg, overrides, art, args.threads, x_all[:b])
+            row = dict(backend=be, workers=None, batch=b, **latency_stats(timed(fn, args.warmup, reps), b))
+        row["achieved_gflops"] = 2 * cost["macs"]["purification"] * b / row["p50_s"] / 1e9
         rows.append(row)
-        log(f"{_label(row):24s} batch {b:4d}: p50 {p50:.3f} s, {p50 / b:.4f} s/image")
+        log(f"{label(row):24s} batch {b:4d}: p50 {row['p50_s']:.3f} s, {row['s_per_image']:.4f} s/image")
     for r in rows:
         base = next((q for q in rows if q["backend"] == "released" and q["batch"] == r["batch"]), None)
         r["speedup_vs_released"] = base["p50_s"] / r["p50_s"] if base else None
@@ -162,11 +116,6 @@ def bench_images(args: argparse.Namespace, victim: "Victim", n: int, labels: boo
     return ds.x[:n], None if ds.y is None else ds.y[:n]
 
 
-def _label(row: dict[str, Any]) -> str:
-    w = row.get("workers")
-    return row["backend"] if w is None else f"{row['backend']} ({w} worker{'s' if w > 1 else ''})"
-
-
 def latency_markdown(res: dict[str, Any]) -> str:
     c = res["cost_model"]
     lines = [f"Latency, {res['model']}, {res['threads']} threads ({res['machine'].get('cpu_model', '?')}); "
@@ -175,16 +124,10 @@ def latency_markdown(res: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         sp = f"{r['speedup_vs_released']:.2f}" if r["speedup_vs_released"] else "-"
-        lines.append(f"| {_label(r)} | {r['batch']} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['p99_s']:.3f} | "
+        lines.append(f"| {label(r)} | {r['batch']} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['p99_s']:.3f} | "
                      f"{r['s_per_image']:.4f} | {r['images_per_s']:.1f} | {sp} | {r['achieved_gflops']:.1f} "
                      f"({100 * r['achieved_gflops'] / c['peak_gflops']:.0f}%) |")
-    stage_rows = [r for r in res["rows"] if "stages_pct" in r]
-    if stage_rows:
-        keys = list(stage_rows[0]["stages_pct"])
-        lines += ["", "Where the runtime's time goes (% of purify time):", "",
-                  "| backend | batch | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-        for r in stage_rows:
-            lines.append(f"| {_label(r)} | {r['batch']} | " + " | ".join(f"{r['stages_pct'].get(k, 0):.1f}" for k in keys) + " |")
+    lines += detail_lines(res["rows"], res["threads"])
     fr, fl = c["fe_released"], c["fe_lean"]
     lines += ["", f"Cost model per image: released-code AP {fr['forward']:.0f} forwards + {fr['backward']:.0f} backwards "
               f"= {fr['F_bwd1']:.0f} F (backward = 1 F) / {fr['F_bwd2']:.0f} F (backward = 2 F); lean {fl['forward']:.0f} + "
@@ -199,8 +142,8 @@ def latency_plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for be in dict.fromkeys(_label(r) for r in res["rows"]):
-        rs = sorted((r for r in res["rows"] if _label(r) == be), key=lambda r: r["batch"])
+    for be in dict.fromkeys(label(r) for r in res["rows"]):
+        rs = sorted((r for r in res["rows"] if label(r) == be), key=lambda r: r["batch"])
         a1.plot([r["batch"] for r in rs], [r["p50_s"] for r in rs], "o-", label=be)
         a2.plot([r["batch"] for r in rs], [r["images_per_s"] for r in rs], "o-", label=be)
     for a, yl in ((a1, "latency per call, p50 (s)"), (a2, "images / s")):
