@@ -7,9 +7,10 @@
 Every backend runs the same loop (``zeropur_rt.schedule``). Host runners run it eagerly on numpy
 buffers; on the CPU a batch is split across ``workers`` one-thread sessions run side by side (a core
 each: on a 2-core CPU 1.4-1.5x the throughput of one session on two intra-op threads, whose small
-kernels wait on each other), and a single image runs on whichever session was measured faster. Device runners keep every tensor on the GPU: the input is uploaded once,
-the result and the logits downloaded once, and the loop of each batch size is captured into a CUDA
-graph after its first (eager) run and replayed from then on. Timings and iterates need the eager loop, so they never replay.
+kernels wait on each other), and a single image runs on whichever session was measured faster. Device
+runners keep every tensor on the GPU: the input is uploaded once, the result and the logits downloaded
+once, and the loop of each batch size is captured into a CUDA graph after its first (eager) run and
+replayed from then on. Timings and iterates need the eager loop, so they never replay.
 """
 from __future__ import annotations
 
