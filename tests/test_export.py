@@ -307,6 +307,25 @@ def test_manifest_records_config(exported):
     assert m["config"]["ila_weight"] == preset("cifar10").ila_weight
     assert m["batch"] == {"min": 1, "opt": 32, "max": ARCHS["resnet20"][2]}
     assert set(m["tools"]) >= {"torch", "onnx", "onnxscript"}
+    assert m["tools"]["graph_revision"] == str(onnx_export.GRAPH_REVISION)
+
+
+def test_reused_artifacts_of_an_older_graph_revision_are_named(exported, tmp_path):
+    """ensure_artifacts reuses a valid directory; one an older exporter wrote (no revision, no BatchNorm
+    folding) still loads and runs, and the log says it is not this exporter's graphs."""
+    from zeropur_export.build import ensure_artifacts
+    _, _, out = exported("resnet20")
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    said: list[str] = []
+    assert ensure_artifacts("resnet20", old, log=said.append) == old and said == []
+    m = json.loads((old / "manifest.json").read_text())
+    for k in ("graph_revision", "bn_folded"):
+        m["tools"].pop(k, None)
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert ensure_artifacts("resnet20", old, log=said.append) == old
+    assert len(said) == 1 and f"revision 1, this exporter writes revision {onnx_export.GRAPH_REVISION}" in said[0]
+    assert "remove the directory to export it again" in said[0]
 
 
 def test_api_force_replaces_existing(tmp_path, monkeypatch):

@@ -84,7 +84,8 @@ def ensure_artifacts(model: str, out_dir: str | Path, cfg: ZeroPurConfig | None 
     """``out_dir`` if it already holds a valid artifact directory, else export ``model`` (real weights) into it.
 
     An existing but invalid directory is an error (never silently overwritten); so is one exported with
-    a config other than ``cfg`` (when given).
+    a config other than ``cfg`` (when given). One that an exporter of another graph revision wrote is used,
+    and ``log`` says so: it computes the same, but timings of it are not this exporter's graphs'.
     """
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).is_file():
@@ -93,6 +94,13 @@ def ensure_artifacts(model: str, out_dir: str | Path, cfg: ZeroPurConfig | None 
             raise ValueError(f"{out_dir} holds {m.model}, not {model}; remove it or pick another --artifacts dir")
         if cfg is not None and m.zeropur_config != cfg:  # dataclasses: a field added since export takes its default
             raise ValueError(f"{out_dir} was exported with another config; remove it or pick another --artifacts dir")
+        from zeropur_export.onnx_export import GRAPH_REVISION
+        # before revisions were recorded, revision 2 came with BatchNorm folding (tools.bn_folded)
+        rev = m.tools.get("graph_revision") or ("2" if "bn_folded" in m.tools else "1")
+        if rev != str(GRAPH_REVISION):
+            log(f"note: {out_dir} holds graphs of revision {rev}, this exporter writes revision {GRAPH_REVISION}: "
+                "they compute the same, without the newer graph optimisations (revision 2: BatchNorm folded into "
+                "the convolutions); remove the directory to export it again")
         return out_dir
     from zeropur_export.onnx_export import export_artifacts
     from zeropur_export.weights import find_weights

@@ -33,6 +33,10 @@ from zeropur_rt.files import atomic_write_json, default_mode, sha256_file
 from zeropur_rt.manifest import FORMAT_VERSION, MANIFEST, PARTIAL_SUFFIX, Manifest, check_manifest, graph_io
 
 DEFAULT_OPSET = 18  # the dynamo exporter emits opset >= 18; TensorRT 10 parses 9..24 (8.6: up to 17)
+# What the exported graphs look like, as ``tools.graph_revision``: bumped whenever a change to the exporter changes
+# the graphs it writes (never what they compute), so that an artifact directory kept from an older exporter is
+# known as one. 2: BatchNorm folded, ReLU masks as HardSigmoid, the option-A shortcut as a selection convolution.
+GRAPH_REVISION = 2
 GRAPHS_FULL = ("classifier", "gs_grad", "ap_setup", "ap_grad")
 GRAPHS_GS_ONLY = ("classifier", "gs_grad")
 
@@ -376,7 +380,8 @@ def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathL
             format_version=FORMAT_VERSION, model=model or victim.name, weights_sha256=weights_sha256,
             taps={**s.to_dict(), **({"source": taps_source} if taps_source else {})}, config=cfg.to_dict(), input_shape=tuple(s.input_shape), mean=tuple(s.mean),
             std=tuple(s.std), num_classes=s.num_classes, batch=batch.to_dict(), opset=opset,
-            tools={**tool_versions(), **({"bn_folded": folded.summary()} if fold else {})},
+            tools={**tool_versions(), "graph_revision": str(GRAPH_REVISION),
+                   **({"bn_folded": folded.summary()} if fold else {})},
             graphs=graph_specs, files=files, calibration=calibration)
         atomic_write_json(tmp / MANIFEST, manifest.to_dict())
         check_manifest(tmp)  # round trip: what the runtime will read
