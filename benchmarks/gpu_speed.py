@@ -12,6 +12,9 @@ Rows per (model, batch), every one timed in this process on this device:
 * with ``--autotune``, ``fast-fp32-autotune``: the same with inductor's max-autotune (convolution epilogues
   fused; minutes of compilation per graph and batch size).
 
+``--variants`` picks rows (the released code's cost always runs): every fast row compiles two gradient
+graphs per batch size, so on a short GPU lease run ``--variants autograd fast-fp32`` first.
+
 Per row: ms per call (median), ms per image, achieved GFLOP/s (the exported graphs' MACs per purification,
 x2, per second) and, at the smallest batch, kernels per step (CUDA kernels of one eager purification, over
 its gs_steps + ap_steps gradient steps; on the CPU: top-level aten ops). Agreement: each fast precision's
@@ -21,9 +24,7 @@ images (the acceptance: >= 99% for float32), with both accuracies.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +43,13 @@ def _purifier(variant: str, art: Path, device: str, victim: Any, overrides: dict
                          autotune=variant.endswith("autotune"))
 
 
-def _variants(device: str, autotune: bool) -> tuple[str, ...]:
+def _variants(device: str, autotune: bool, wanted: list[str] | None = None) -> tuple[str, ...]:
+    """The rows to run: ``wanted`` (the released code's cost always, as every ratio's base), else every row
+    but max-autotune's (``autotune`` adds it); TF32 only on CUDA."""
+    if wanted and not device.startswith("cuda") and "fast-tf32" in wanted:
+        raise ValueError("fast-tf32 is a mode of NVIDIA GPUs: drop it from --variants on the CPU")
+    if wanted:
+        return tuple(v for v in VARIANTS if v == "released" or v in wanted)
     return tuple(v for v in VARIANTS if (device.startswith("cuda") or v != "fast-tf32")
                  and (autotune or not v.endswith("autotune")))
 
@@ -64,7 +71,8 @@ def count_kernels(purify: Callable[[], Any], device: str) -> int:
 
 
 def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x_all: np.ndarray, y_all: np.ndarray,
-            agree_n: int, overrides: dict[str, Any], autotune: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            agree_n: int, overrides: dict[str, Any], autotune: bool = False, variants: list[str] | None = None
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The latency rows of every batch, then the agreement on ``agree_n`` images; one purifier per variant."""
     import torch
 
@@ -74,8 +82,9 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
 
     victim = load_victim(model).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    purifiers = {v: _purifier(v, art, device, victim, overrides) for v in _variants(device, autotune) if v != "released"}
-    cfg = purifiers["autograd"].cfg
+    purifiers = {v: _purifier(v, art, device, victim, overrides) for v in _variants(device, autotune, variants)
+                 if v != "released"}
+    cfg = next(iter(purifiers.values())).cfg  # every row runs the artifact's config with the same overrides
     released = ReferencePurifier(victim, cfg, ap_mode="recompute")  # on the victim's device
     flop = 2 * purification_macs(art, cfg)["purification"]
     rows = []
@@ -97,7 +106,7 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
         rows.append(row)
         print(f"  {model} batch {b}: " + ", ".join(f"{v} {row[v]['ms_per_call']:.1f} ms" for v in calls), flush=True)
     agree: dict[str, Any] = {}
-    if agree_n:
+    if agree_n and any(v.startswith("fast") for v in purifiers):
         agree = agreement(ReferencePurifier(victim, cfg, ap_mode="lean"), purifiers, x_all[:agree_n], y_all[:agree_n],
                           max(batches))
     for p in purifiers.values():
@@ -125,7 +134,7 @@ def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray,
     for v, ps in preds.items():
         p = np.concatenate(ps)
         out[v] = {"same_prediction": 100 * float(np.mean(p == p_ref)), "accuracy": 100 * float(np.mean(p == y))}
-    out["ok"] = out["fast-fp32"]["same_prediction"] >= 99.0
+    out["ok"] = "fast-fp32" not in out or out["fast-fp32"]["same_prediction"] >= 99.0  # the acceptance's float32 row
     return out
 
 
@@ -160,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="config overrides for every row, e.g. --set gs_steps=2 (CI's smoke)")
     ap.add_argument("--autotune", action="store_true", help="add the fast-fp32-autotune row (long compiles)")
+    ap.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "released"], default=None,
+                    help="only these rows beside the released code's cost (each fast row compiles its two gradient "
+                    "graphs per batch size: on a short GPU lease, autograd fast-fp32 first)")
     args = ap.parse_args(argv)
+    if args.variants is not None and not set(args.variants) - {"released"}:
+        ap.error("--variants needs a row besides released")
     import torch
 
     from zeropur_export.build import ensure_artifacts
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         art = ensure_artifacts(model, Path(args.artifacts) / model)
         rows, agree = measure(model, art, args.device, args.batches, args.reps, x_all, ys, args.agree_n,
-                              parse_sets(args.set), args.autotune)
+                              parse_sets(args.set), args.autotune, args.variants)
         report["rows"] += rows
         if agree:
             report["agreement"][model] = agree
