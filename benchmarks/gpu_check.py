@@ -52,14 +52,13 @@ def _pytest(path: str, out: Path, timeout: int) -> dict[str, Any]:
 
 
 def time_calls(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> dict[str, float]:
-    fn()  # warm-up (cuDNN / TensorRT tactics, torch.compile, CUDA graph capture)
-    sync()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
+    """``reps`` synchronised calls after one warm-up (cuDNN / TensorRT tactics, torch.compile, CUDA graph capture)."""
+    from zeropur_rt.bench import timed
+
+    def call() -> None:
         fn()
         sync()
-        ts.append(time.perf_counter() - t)
+    ts = timed(call, 1, reps)
     return {"median_s": float(np.median(ts)), "min_s": float(np.min(ts)), "reps": reps}
 
 
