@@ -316,7 +316,14 @@ def _speed_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import gpu_speed
     rc = gpu_speed.main(["--out", str(out), "--artifacts", args.artifacts, "--models", *args.models,
                          "--batches", *map(str, args.batches), "--agree-n", str(args.parity_n)])
-    return {"ok": rc == 0, "summary": f"{out / 'gpu_speed.md'} (agreement of fast float32 >= 99%: {rc == 0})"}
+    written = out / "gpu_speed.json"
+    agreed = json.loads(written.read_text())["agreement"] if written.exists() else {}
+    floor = gpu_speed.FLOOR
+    figures = "; ".join(f"{m}: fast float32 {a['fast-fp32']['same_prediction']:.1f}%"
+                        + (f", float32 floor {a[floor]['same_prediction']:.1f}%" if floor in a else "")
+                        for m, a in agreed.items() if "fast-fp32" in a)
+    return {"ok": rc == 0, "summary": f"{out / 'gpu_speed.md'} (agreement of fast float32 >= 99%: {rc == 0}"
+                                      + (f"; {figures})" if figures else ")")}
 
 
 def _guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,8 @@ Per row: ms per call (median), ms per image, achieved GFLOP/s (the exported grap
 x2, per second) and, at the smallest batch, kernels per step (CUDA kernels of one eager purification, over
 its gs_steps + ap_steps gradient steps; on the CPU: top-level aten ops). Agreement: each fast precision's
 predictions after purification against the eager float32 reference's, on ``--agree-n`` CIFAR-10 test
-images (the acceptance: >= 99% for float32), with both accuracies.
+images (the acceptance: >= 99% for float32), with both accuracies, beside the float32 floor: the reference
+against itself with its convolutions summed in another order (cuDNN off; on the CPU oneDNN off).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import numpy as np
 from benchmarks.gpu_check import time_calls
 
 VARIANTS = ("released", "autograd", "fast-fp32", "fast-tf32", "fast-bf16", "fast-fp32-autotune")
+FLOOR = "float32-floor"  # the agreement row of the reference against itself in another float32 summation order
 
 
 def _purifier(variant: str, art: Path, device: str, victim: Any, overrides: dict[str, Any]) -> Any:
@@ -71,8 +73,8 @@ def count_kernels(purify: Callable[[], Any], device: str) -> int:
 
 
 def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x_all: np.ndarray, y_all: np.ndarray,
-            agree_n: int, overrides: dict[str, Any], autotune: bool = False, variants: list[str] | None = None
-            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            agree_n: int, overrides: dict[str, Any], autotune: bool = False, variants: list[str] | None = None,
+            floor: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The latency rows of every batch, then the agreement on ``agree_n`` images; one purifier per variant."""
     import torch
 
@@ -108,32 +110,56 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
     agree: dict[str, Any] = {}
     if agree_n and any(v.startswith("fast") for v in purifiers):
         agree = agreement(ReferencePurifier(victim, cfg, ap_mode="lean"), purifiers, x_all[:agree_n], y_all[:agree_n],
-                          max(batches))
+                          max(batches), floor)
     for p in purifiers.values():
         p.close()
     return rows, agree
 
 
-def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray, batch: int) -> dict[str, Any]:
+def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray, batch: int,
+              floor: bool = True) -> dict[str, Any]:
     """Predictions after purification: each fast precision against the eager float32 reference's. Every call
     has ``batch`` images (the last one topped up from the start and cut back): a compiled step is specialised
-    to its batch size, and a new size would compile again."""
+    to its batch size, and a new size would compile again.
+
+    ``floor``: also the reference against itself with its convolutions summed in another float32 order (cuDNN
+    off on CUDA, oneDNN off on the CPU). Sign steps turn rounding-level gradient differences into whole-step
+    pixel differences, so two correct float32 loops part on images near a decision boundary; this row says how
+    far, on the same images and the same device, so that a fast row's agreement can be read against it."""
     import torch
+
+    from zeropur_export.parity import in_second_float32_order
 
     victim, device = ref.victim, ref.runner.dev
     fast = {v: p for v, p in purifiers.items() if v.startswith("fast")}
+
+    def reference(xb: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return victim(ref.purify(xb)).argmax(1).cpu().numpy()
+
     preds: dict[str, list[np.ndarray]] = {v: [] for v in ("reference", *fast)}
+    floor_preds: list[np.ndarray] | None = [] if floor else None
     for i in range(0, len(x), batch):
         xb, n = x[np.arange(i, i + batch) % len(x)], min(batch, len(x) - i)
-        with torch.no_grad():
-            preds["reference"].append(victim(ref.purify(torch.from_numpy(xb).to(device))).argmax(1).cpu().numpy()[:n])
+        xt = torch.from_numpy(xb).to(device)
+        preds["reference"].append(reference(xt)[:n])
+        if floor_preds is not None:
+            p2 = in_second_float32_order(reference, xt, device=str(device))
+            if p2 is None:  # this torch has no second order to measure
+                floor_preds = None
+            else:
+                floor_preds.append(p2[:n])
         for v, p in fast.items():
             preds[v].append(p.purify_and_classify(xb)[1][:n])
     p_ref = np.concatenate(preds.pop("reference"))
+    if floor_preds is not None:
+        preds[FLOOR] = floor_preds
     out: dict[str, Any] = {"n": len(x), "accuracy_reference": 100 * float(np.mean(p_ref == y))}
     for v, ps in preds.items():
         p = np.concatenate(ps)
         out[v] = {"same_prediction": 100 * float(np.mean(p == p_ref)), "accuracy": 100 * float(np.mean(p == y))}
+    if FLOOR in out:
+        out[FLOOR]["tested"] = "reference with " + ("cuDNN" if str(device).startswith("cuda") else "oneDNN") + " off"
     out["ok"] = "fast-fp32" not in out or out["fast-fp32"]["same_prediction"] >= 99.0  # the acceptance's float32 row
     return out
 
@@ -152,8 +178,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     for model, a in report["agreement"].items():
         lines.append(f"Agreement, {model}, {a['n']} images (reference accuracy {a['accuracy_reference']:.1f}%): " +
-                     "; ".join(f"{v} {r['same_prediction']:.1f}% same prediction, {r['accuracy']:.1f}% accuracy"
-                               for v, r in a.items() if isinstance(r, dict)))
+                     "; ".join(f"{r.get('tested', v)} {r['same_prediction']:.1f}% same prediction, "
+                               f"{r['accuracy']:.1f}% accuracy" for v, r in a.items() if isinstance(r, dict)))
+        if FLOOR in a:
+            lines.append(f"(The {a[FLOOR]['tested']} is the float32 floor: two correct float32 loops on the same "
+                         "images, parting only by summation order.)")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "released"], default=None,
                     help="only these rows beside the released code's cost (each fast row compiles its two gradient "
                     "graphs per batch size: on a short GPU lease, autograd fast-fp32 first)")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="skip the agreement's float32 floor (one more reference purification of the --agree-n images)")
     args = ap.parse_args(argv)
     if args.variants is not None and not set(args.variants) - {"released"}:
         ap.error("--variants needs a row besides released")
@@ -197,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         art = ensure_artifacts(model, Path(args.artifacts) / model)
         rows, agree = measure(model, art, args.device, args.batches, args.reps, x_all, ys, args.agree_n,
-                              parse_sets(args.set), args.autotune, args.variants)
+                              parse_sets(args.set), args.autotune, args.variants, args.floor)
         report["rows"] += rows
         if agree:
             report["agreement"][model] = agree

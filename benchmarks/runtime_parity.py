@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from zeropur_export.parity import ParityRow, conditioning_floor, parity_row, without_onednn
+from zeropur_export.parity import ParityRow, conditioning_floor, parity_row, in_second_float32_order
 from zeropur_export.reference import ReferencePurifier, blur_torch
 from zeropur_export.taps import Victim
 from zeropur_rt.pipeline import Purifier
@@ -78,7 +78,7 @@ def _judged(float32_ref: Callable[[], torch.Tensor], row: Callable[[list[np.ndar
     r = row(first)
     if r.ok:
         return r
-    alt = without_onednn(float32_ref)
+    alt = in_second_float32_order(float32_ref)
     return r if alt is None else row(first + [alt.numpy()])
 
 
@@ -113,7 +113,7 @@ def reference_side(victim: Victim, cfg, onednn: bool = True) -> Purify:
             return out.numpy(), victim(out).numpy()
 
     def run(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return purify(xb) if onednn else without_onednn(purify, xb)
+        return purify(xb) if onednn else in_second_float32_order(purify, xb)
     return run
 
 

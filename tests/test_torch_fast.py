@@ -124,12 +124,16 @@ def test_gpu_speed_report_runs_on_the_cpu(art20, tmp_path, cifar):  # cifar: ski
     assert row["fast-fp32"]["kernels_per_step"] < row["autograd"]["kernels_per_step"]
     agree = report["agreement"]["resnet20"]
     assert agree["n"] == 3 and 0 <= agree["fast-fp32"]["same_prediction"] <= 100
+    if torch.backends.mkldnn.is_available():  # the float32 floor: the reference with oneDNN off, on the same images
+        assert agree["float32-floor"]["tested"] == "reference with oneDNN off"
+        assert 0 <= agree["float32-floor"]["same_prediction"] <= 100
+        assert "reference with oneDNN off" in (tmp_path / "gpu_speed.md").read_text()
     assert rc == (0 if agree["ok"] else 1)
     assert "| fast-fp32 |" in (tmp_path / "gpu_speed.md").read_text()
     # a short GPU lease runs fewer rows: the released cost (every ratio's base) and the ones asked for
     gpu_speed.main(["--device", "cpu", "--models", "resnet20", "--batches", "2", "--agree-n", "3", "--reps", "1",
                     "--artifacts", str(art20.parent), "--out", str(tmp_path / "few"), "--set", "gs_steps=2",
-                    "ap_steps=2", "--variants", "fast-fp32"])
+                    "ap_steps=2", "--variants", "fast-fp32", "--no-floor"])
     few = json.loads((tmp_path / "few" / "gpu_speed.json").read_text())
     assert set(few["rows"][0]) - {"model", "batch", "device"} == {"released", "fast-fp32"}
     assert set(few["agreement"]["resnet20"]) == {"n", "accuracy_reference", "fast-fp32", "ok"}

@@ -102,17 +102,19 @@ def parity_row(model: str, graph: str, output: str, label: str, ort: np.ndarray,
                      worst, floor, med_ok, calls, t_flips)
 
 
-def without_onednn(fn, *args):
-    """``fn(*args)`` with torch's CPU convolutions in ATen's im2col + GEMM instead of oneDNN: another float32
-    summation order, equally valid. None where this torch has no oneDNN (no second order to measure)."""
-    if not torch.backends.mkldnn.is_available():
+def in_second_float32_order(fn, *args, device: str = "cpu"):
+    """``fn(*args)`` with torch's convolutions summed in another float32 order, equally valid: on the CPU ATen's
+    im2col + GEMM instead of oneDNN, on CUDA ATen's native kernels instead of cuDNN. None where this torch has
+    no such second order (no oneDNN, no cuDNN)."""
+    backend = torch.backends.cudnn if str(device).startswith("cuda") else torch.backends.mkldnn
+    if not backend.is_available():
         return None
-    prev = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # mkldnn.flags() would also reset its TF32 and determinism flags
+    prev = backend.enabled
+    backend.enabled = False  # flags() would also reset the backend's TF32 and determinism settings
     try:
         return fn(*args)
     finally:
-        torch.backends.mkldnn.enabled = prev
+        backend.enabled = prev
 
 
 def conditioning_floor(victim64: Victim, x: torch.Tensor, x_blur: torch.Tensor) -> float:
@@ -252,7 +254,7 @@ def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs | RunnerGra
         if not all(r.ok for r in judged):
             # the second float32 implementation only matters when the first one's error is the smaller:
             # the bound is their maximum, so measuring it lazily changes no verdict, only the time
-            alt = without_onednn(chunked, lambda ins: torch_outputs(v32, cfg, graph, ins), ins32)
+            alt = in_second_float32_order(chunked, lambda ins: torch_outputs(v32, cfg, graph, ins), ins32)
             if alt is not None:
                 judged = judge([t32, alt])
         rows.extend(judged)
