@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from zeropur_export.parity import ParityRow, conditioning_floor, parity_row, in_second_float32_order
+from zeropur_export.parity import ParityRow, conditioning_floor, in_second_float32_order, parity_row
 from zeropur_export.reference import ReferencePurifier, blur_torch
 from zeropur_export.taps import Victim
 from zeropur_rt.pipeline import Purifier
