@@ -128,7 +128,7 @@ def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray,
     far, on the same images and the same device, so that a fast row's agreement can be read against it."""
     import torch
 
-    from zeropur_export.parity import in_second_float32_order
+    from zeropur_export.parity import convolution_library, in_second_float32_order
 
     victim, device = ref.victim, ref.runner.dev
     fast = {v: p for v, p in purifiers.items() if v.startswith("fast")}
@@ -159,7 +159,7 @@ def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray,
         p = np.concatenate(ps)
         out[v] = {"same_prediction": 100 * float(np.mean(p == p_ref)), "accuracy": 100 * float(np.mean(p == y))}
     if FLOOR in out:
-        out[FLOOR]["tested"] = "reference with " + ("cuDNN" if str(device).startswith("cuda") else "oneDNN") + " off"
+        out[FLOOR]["tested"] = f"reference with {convolution_library(str(device))[1]} off"
     out["ok"] = "fast-fp32" not in out or out["fast-fp32"]["same_prediction"] >= 99.0  # the acceptance's float32 row
     return out
 

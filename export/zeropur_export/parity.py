@@ -102,11 +102,16 @@ def parity_row(model: str, graph: str, output: str, label: str, ort: np.ndarray,
                      worst, floor, med_ok, calls, t_flips)
 
 
+def convolution_library(device: str = "cpu") -> tuple[Any, str]:
+    """The torch backend module behind ``device``'s convolutions (cuDNN on CUDA, oneDNN on the CPU) and its name."""
+    return (torch.backends.cudnn, "cuDNN") if str(device).startswith("cuda") else (torch.backends.mkldnn, "oneDNN")
+
+
 def in_second_float32_order(fn, *args, device: str = "cpu"):
     """``fn(*args)`` with torch's convolutions summed in another float32 order, equally valid: on the CPU ATen's
     im2col + GEMM instead of oneDNN, on CUDA ATen's native kernels instead of cuDNN. None where this torch has
     no such second order (no oneDNN, no cuDNN)."""
-    backend = torch.backends.cudnn if str(device).startswith("cuda") else torch.backends.mkldnn
+    backend, _ = convolution_library(device)
     if not backend.is_available():
         return None
     prev = backend.enabled
