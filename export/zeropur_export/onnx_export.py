@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from zeropur_export import lowering, trt_ops
-from zeropur_export.reference import APConstants, ap_constants, ap_loss, gs_loss
+from zeropur_export.lean_loss import ap_loss_lean
+from zeropur_export.reference import APConstants, ap_constants, gs_loss
 from zeropur_export.taps import Victim
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.errors import ZeroPurError
@@ -36,7 +37,8 @@ DEFAULT_OPSET = 18  # the dynamo exporter emits opset >= 18; TensorRT 10 parses 
 # What the exported graphs look like, as ``tools.graph_revision``: bumped whenever a change to the exporter changes
 # the graphs it writes (never what they compute), so that an artifact directory kept from an older exporter is
 # known as one. 2: BatchNorm folded, ReLU masks as HardSigmoid, the option-A shortcut as a selection convolution.
-GRAPH_REVISION = 2
+# 3: the self-LPIPS backward in closed form (``lean_loss``).
+GRAPH_REVISION = 3
 GRAPHS_FULL = ("classifier", "gs_grad", "ap_setup", "ap_grad")
 GRAPHS_GS_ONLY = ("classifier", "gs_grad")
 
@@ -80,7 +82,7 @@ def graph_functions(victim: Victim, cfg: ZeroPurConfig) -> dict[str, tuple[Calla
 
     def ap(fine, *consts):
         c = APConstants(ila_dir=list(consts[:n_ila]), lpips_ref=consts[n_ila], ila_offset=None)
-        return ap_loss(victim, fine, c, cfg)
+        return ap_loss_lean(victim, fine, c, cfg)
 
     fns: dict[str, tuple[Callable[..., Any], bool]] = {"classifier": (classifier, False), "gs_grad": (gs, True)}
     if victim.spec.supports_ap:

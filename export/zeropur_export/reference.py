@@ -20,8 +20,8 @@ from zeropur_rt.blur import box_blur_weights
 from zeropur_rt.config import ZeroPurConfig
 
 APMode = Literal["lean", "recompute"]
-_TINY = 1e-30  # floor under squared norms: keeps sqrt's gradient finite (0, not NaN) at zero
-_LPIPS_EPS = 1e-10
+NORM_FLOOR_SQ = 1e-30  # floor under squared norms: keeps sqrt's gradient finite (0, not NaN) at zero
+LPIPS_EPS = 1e-10
 # Floor under the squared LPIPS distance. On AP step 1 fine == x_in, but two graphs (or two
 # kernels) computing the same features differ by float32 rounding (distance ~1e-7), where the
 # gradient of the norm is a unit vector pointing along that noise. Distances below 1e-5 are
@@ -84,7 +84,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return blocked_sum(ua * ub)
 
 
-def safe_norm(v: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False, floor_sq: float = _TINY) -> torch.Tensor:
+def safe_norm(v: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = False, floor_sq: float = NORM_FLOOR_SQ) -> torch.Tensor:
     """L2 norm whose gradient at (near) zero is 0 instead of NaN: sqrt of a square sum floored at ``floor_sq``."""
     return torch.sqrt(torch.clamp_min((v * v).sum(dim=dim, keepdim=keepdim), floor_sq))
 
@@ -94,7 +94,7 @@ def lpips_features(victim: Victim, taps: dict[str, torch.Tensor]) -> torch.Tenso
     parts = []
     for name in victim.spec.lpips:
         f = taps[name]
-        f = f / (safe_norm(f, 1, keepdim=True) + _LPIPS_EPS)
+        f = f / (safe_norm(f, 1, keepdim=True) + LPIPS_EPS)
         parts.append(f.flatten(1) / float(np.sqrt(f.shape[2] * f.shape[3])))
     return torch.cat(parts, dim=1)
 
