@@ -1,4 +1,6 @@
 """The exported AP loss (closed-form self-LPIPS backward) against autograd of the reference, in float64."""
+from types import SimpleNamespace
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -71,7 +73,7 @@ def test_pixels_with_zero_features_take_the_norm_floor_branch():
     ref = torch.rand(3, sum(t[0].numel() for t in taps), generator=g, dtype=torch.float64) * 0.01
 
     def by_autograd(*ts):
-        f = lpips_features(type("V", (), {"spec": type("S", (), {"lpips": ("a", "b")})})(), dict(zip("ab", ts)))
+        f = lpips_features(SimpleNamespace(spec=SimpleNamespace(lpips=("a", "b"))), dict(zip("ab", ts)))
         return safe_norm(f - ref, 1, floor_sq=LPIPS_DIST_FLOOR_SQ).sum()
 
     want = torch.func.grad(by_autograd, argnums=(0, 1))(*taps)

@@ -129,14 +129,19 @@ def ap_constants(victim: Victim, x_in: torch.Tensor, coarse: torch.Tensor, cfg: 
 def ap_loss_terms(victim: Victim, fine: torch.Tensor, c: APConstants) -> tuple[torch.Tensor, torch.Tensor]:
     """(ILA, LPIPS_self), both batch means, from one forward of ``fine`` that captures every tap."""
     _, taps = victim.run(fine)
-    ila = fine.new_zeros(())
+    lp = safe_norm(lpips_features(victim, taps) - c.lpips_ref, 1, floor_sq=LPIPS_DIST_FLOOR_SQ).mean()
+    return ila_term(victim, taps, c), lp
+
+
+def ila_term(victim: Victim, taps: dict[str, torch.Tensor], c: APConstants) -> torch.Tensor:
+    """-sum over the ILA layers of the batch mean of <h_l(fine), ila_dir[l]> (minus the offsets, if any)."""
+    ila = next(iter(taps.values())).new_zeros(())
     for l, name in enumerate(victim.spec.ila):
         dot = (taps[name] * c.ila_dir[l]).flatten(1).sum(1)
         if c.ila_offset is not None:
             dot = dot - c.ila_offset[l]
         ila = ila - dot.mean()
-    lp = safe_norm(lpips_features(victim, taps) - c.lpips_ref, 1, floor_sq=LPIPS_DIST_FLOOR_SQ).mean()
-    return ila, lp
+    return ila
 
 
 def ap_loss(victim: Victim, fine: torch.Tensor, c: APConstants, cfg: ZeroPurConfig) -> torch.Tensor:
