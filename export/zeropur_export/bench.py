@@ -137,7 +137,7 @@ def latency_markdown(res: dict[str, Any]) -> str:
               f"= {fr['F_bwd1']:.0f} F (backward = 1 F) / {fr['F_bwd2']:.0f} F (backward = 2 F); lean {fl['forward']:.0f} + "
               f"{fl['backward']:.0f} = {fl['F_bwd1']:.0f} F / {fl['F_bwd2']:.0f} F. Graph MACs per purification: "
               f"{c['macs']['purification'] / 1e9:.2f} G (floor {2 * c['macs']['purification'] / c['peak_gflops'] / 1e9:.4f} s/image "
-              f"at this CPU's sgemm peak of {c['peak_gflops']:.0f} GFLOP/s: {res['threads']} x its best one-thread sgemm"
+              f"at this CPU's sgemm peak of {c['peak_gflops']:.0f} GFLOP/s: {res['threads']} x the best one-thread sgemm of torch's and numpy's BLAS"
               + (", the larger of its readings before and after the timings, "
                  + " and ".join(f"{g:.0f}" for g in c["peak_gflops_readings"]) if "peak_gflops_readings" in c else "")
               + ")."]
