@@ -54,9 +54,10 @@ def sgemm_gflops(n: int = 1024, repeats: int = 10) -> dict[str, float]:
     """The best one-thread float32 GEMM rate of each BLAS at hand, in GFLOP/s: torch's and numpy's.
 
     Both are read because neither is the fastest everywhere. On a 2-core AMD EPYC (Zen 4) VM, torch's BLAS
-    read 86-91 GFLOP/s and numpy's OpenBLAS 97-100, against an AVX-512 FMA loop's 114.6; on the Intel Xeon
-    VMs, torch's BLAS read 160-187. numpy is pinned to one thread with threadpoolctl; where that cannot pin
-    its BLAS, a multi-threaded reading can only raise the ceiling, never flatter a percentage of it.
+    (MKL) read 77-91 GFLOP/s and numpy's OpenBLAS 97-100, against 114.6 for an AVX-512 FMA loop
+    (benchmarks/fma_peak.c); on the Intel Xeon VMs, torch's BLAS read 160-187. numpy is pinned to one thread
+    with threadpoolctl; where that cannot pin its BLAS, a multi-threaded reading can only raise the ceiling,
+    never flatter a percentage of it.
     """
     import time
 
