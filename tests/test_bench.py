@@ -42,6 +42,10 @@ def test_bench_tiny_writes_table_json_and_plot(art20, tmp_path, capsys):
     assert 1.9 * macs["classifier"] < macs["ap_grad"] < 2.01 * macs["classifier"]
     # the sgemm ceiling is read before and after the timings; the larger one is every percentage's base
     assert len(fe["peak_gflops_readings"]) == 2 and fe["peak_gflops"] == max(fe["peak_gflops_readings"]) > 0
+    # each reading is threads x the faster of the two BLAS libraries' one-thread rates, both named in the table
+    for reading, blas in zip(fe["peak_gflops_readings"], fe["sgemm_one_thread_gflops"]):
+        assert set(blas) == {"torch", "numpy"} and reading == res["threads"] * max(blas.values())
+    assert "torch's " in md and "numpy's " in md
     assert "x vs released" in capsys.readouterr().out
 
 
