@@ -2,7 +2,7 @@
  * latency on the cores seen here (4 cycles x 2 pipes on Intel; Zen 4 double-pumps 512-bit ops). It gives
  * the README's context beside the bench's sgemm ceiling, which is what the percentages are taken of.
  *
- *     gcc -O2 -mavx512f benchmarks/fma_peak.c -o /tmp/fma_peak && /tmp/fma_peak
+ *     mkdir -p build && gcc -O2 -mavx512f benchmarks/fma_peak.c -o build/fma_peak && build/fma_peak
  */
 #include <immintrin.h>
 #include <stdio.h>
