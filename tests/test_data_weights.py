@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from zeropur_rt.data import load_cifar10_test, load_cifar_pickle_batch, to_nchw_float
-from zeropur_rt.files import download_verified
 
 
 def test_cifar_pickle_batch_round_trip(tmp_path):
@@ -32,21 +31,15 @@ def test_cifar10_test_copy_matches_its_readme(cifar):
     assert f.dtype == np.float32 and f.shape == (2, 3, 32, 32) and f.max() <= 1
 
 
-def test_missing_data_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ZEROPUR_SHARED"):
+def test_missing_data_names_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no such file: .*nope.npz"):
         load_cifar10_test(tmp_path / "nope.npz")
-
-
-def test_download_verified_keeps_only_matching_files(tmp_path):
-    src = tmp_path / "src.th"
-    src.write_bytes(b"weights" * 100)
-    good = hashlib.sha256(src.read_bytes()).hexdigest()
-    dest = tmp_path / "cache" / "w.th"
-    assert download_verified(src.as_uri(), dest, good).read_bytes() == src.read_bytes()
-    dest2 = tmp_path / "cache" / "w2.th"
-    with pytest.raises(ValueError, match="sha256 mismatch"):
-        download_verified(src.as_uri(), dest2, "0" * 64)
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["w.th"]  # no partial or bad file left
+    for k, v in {"ZEROPUR_SHARED": tmp_path / "s", "ZEROPUR_CACHE": tmp_path / "c", "ZEROPUR_DOWNLOAD": "0"}.items():
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.delenv("ZEROPUR_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"looked in: .*s/data/cifar10_test.npz, .*c/data/cifar10_test.npz; "
+                       r"run `zeropur-export fetch`"):
+        load_cifar10_test()
 
 
 def test_weights_lookup_verifies_hash(tmp_path, monkeypatch):
@@ -56,7 +49,7 @@ def test_weights_lookup_verifies_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROPUR_SHARED", str(tmp_path / "no_shared"))
     bad = tmp_path / KNOWN_WEIGHTS["resnet20"].filename
     torch.save({"state_dict": {"module.w": torch.zeros(2)}}, bad)
-    with pytest.raises(ValueError, match="sha256 mismatch"):
+    with pytest.raises(OSError, match="is not the published resnet20-12fca82f.th"):
         find_weights("resnet20")
     bad.unlink()
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -76,8 +69,8 @@ def test_download_of_known_weights_from_local_mirror(tmp_path, monkeypatch):
     real = shared_dir() / "models" / "resnet20-12fca82f.th"
     if not real.is_file():
         pytest.skip(f"ResNet-20 weights not found at {real}")
-    wf = weights.KNOWN_WEIGHTS["resnet20"]
-    monkeypatch.setitem(weights.KNOWN_WEIGHTS, "resnet20", weights.WeightFile(wf.filename, wf.sha256, real.as_uri()))
+    monkeypatch.setenv("ZEROPUR_MIRROR", real.parent.as_uri())  # the real bytes, checked against the shipped table
     monkeypatch.setenv("ZEROPUR_SHARED", str(tmp_path / "no_shared"))
-    p = weights.find_weights("resnet20", tmp_path / "dl", download=True)
-    assert p.read_bytes() == real.read_bytes()
+    monkeypatch.setenv("ZEROPUR_CACHE", str(tmp_path / "cache"))
+    p = weights.find_weights("resnet20", download=True)
+    assert p == tmp_path / "cache" / "weights" / real.name and p.read_bytes() == real.read_bytes()

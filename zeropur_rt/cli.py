@@ -1,6 +1,14 @@
-"""``zeropur-rt``: the deploy-time commands over an artifact directory: purify, classify, bench, info, triton-repo.
+"""``zeropur-rt``: the deploy-time commands over an artifact directory (no torch needed).
 
-Build-time work (export, build-engines, calibrate, demo, bench, eval) is ``zeropur-export``'s.
+    zeropur-rt purify artifacts/resnet20 images/ --out purified/     # PNG folder out (or --out x.npz)
+    zeropur-rt classify artifacts/resnet20 images/                   # the bare classifier's labels
+    zeropur-rt bench artifacts/resnet20 --batch 1 32                 # latency per batch size and worker count
+    zeropur-rt info artifacts/resnet20                               # what the artifact holds, hashes verified
+    zeropur-rt serve artifacts/resnet20                              # Triton on 127.0.0.1:8000 / :8001
+    zeropur-rt query http://127.0.0.1:8000 images/                   # labels from a served purifier
+    zeropur-rt triton-repo artifacts/resnet20 --out repo             # the model repository alone
+
+Build-time work (fetch, export, build-engines, calibrate, demo, bench, eval) is ``zeropur-export``'s.
 """
 from __future__ import annotations
 
@@ -9,28 +17,33 @@ import io
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from zeropur_rt.config import parse_sets
 from zeropur_rt.files import atomic_write_bytes
-from zeropur_rt.errors import ZeroPurError
+from zeropur_rt.errors import InputError, ZeroPurError
 from zeropur_rt.manifest import load_manifest
 from zeropur_rt.progress import progress
 
 if TYPE_CHECKING:
     from zeropur_rt.pipeline import Purifier
+    from zeropur_rt.serving.repository import RepoOptions
 
 
 def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact_dir", help="directory written by zeropur-export")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime (default; CPU, or onnxruntime-gpu) or tensorrt (engines from build-engines, the "
+                   "whole loop on the GPU)")
     p.add_argument("--device", default=None, help="cpu (default for onnxruntime) or cuda[:N] (default for tensorrt)")
     p.add_argument("--ort-provider", choices=["cuda", "tensorrt"], default=None,
                    help="with --backend onnxruntime --device cuda: its CUDA (default) or TensorRT execution provider")
-    p.add_argument("--kernels", default="auto", choices=["auto", "host", "numpy", "cuda"])
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kernels", default="auto", choices=["auto", "host", "numpy", "cuda"],
+                   help="update-step and blur kernels: the C host library, the numpy twin, CUDA; auto picks by device")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--single-image", choices=["auto", "own", "worker"], default="auto",
                    help="with workers, the session a single image runs on: the faster one, measured on the first "
                    "single-image call (auto), the --threads-thread one (own) or a one-thread worker's (worker)")
@@ -65,6 +78,9 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
     from zeropur_rt.images import read_images
 
+    _check_out(args, purify)
+    if not Path(args.input).exists():
+        raise InputError(f"{args.input}: no such file or directory (images: a file, a folder, an .npz or a CSV)")
     with _load(args, args.workers) as pur:
         x, y, names = read_images(args.input, tuple(pur.chw), args.resize, pur.manifest.num_classes)
         size = min(args.batch or int(pur.manifest.batch.get("opt", pur.max_batch)), pur.max_batch)
@@ -83,7 +99,10 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
     print(f"{len(x)} images, {secs:.2f} s ({secs / len(x):.4f} s/image), {where}")
     if y is not None:
         print(f"accuracy: {100 * float((pred == y).mean()):.2f}%")
-    if args.out:
+    if not args.out or len(x) <= 20:
+        for n, p in zip(names, pred):
+            print(f"{n}\t{int(p)}")
+    if args.out and args.out.lower().endswith(".npz"):
         buf = io.BytesIO()
         payload = dict(pred=pred, names=np.array(names))
         if purify:
@@ -93,33 +112,56 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
         np.savez_compressed(buf, **payload)
         atomic_write_bytes(args.out, buf.getvalue())
         print(f"wrote {args.out}")
-    elif not purify or len(x) <= 20:
-        for n, p in zip(names, pred):
-            print(f"{n}\t{int(p)}")
+    elif args.out:
+        from zeropur_rt.images import write_pngs
+        print(f"wrote {write_pngs(args.out, np.concatenate(outs), names)} ({len(x)} 8-bit PNG images; "
+              "--out FILE.npz keeps the float32 result)")
+    elif purify:
+        print("nothing saved: pass --out FILE.npz (float32 result, labels) or --out FOLDER (8-bit PNG images)")
     return 0
+
+
+def _check_out(args: argparse.Namespace, purify: bool) -> None:
+    """--out's form is known from its name: refuse a wrong one before any image is read."""
+    if not args.out:
+        return
+    suffix = Path(args.out).suffix.lower()
+    if suffix != ".npz" and (suffix or not purify):
+        raise InputError(f"--out {args.out}: write a .npz file" + (" or a folder (no suffix) of PNG images"
+                                                                    if purify else " (classify has no images to write)"))
+    if suffix != ".npz" and Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+        raise InputError(f"--out {args.out} exists and is not an empty folder; name a new folder for the PNG images")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     m = load_manifest(args.artifact_dir)
-    print(json.dumps({k: v for k, v in m.to_dict().items() if k != "files"}, indent=2))
-    print(f"files verified: {len(m.files)} (sha256 ok)")
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return 0
+    from zeropur_rt.describe import describe_manifest
+    print(describe_manifest(m))
     return 0
 
 
+def _repo_options(args: argparse.Namespace) -> "RepoOptions":
+    from zeropur_rt.serving.repository import RepoOptions
+    return RepoOptions(name=args.name, backend=args.backend, device=args.device, instances=args.instances,
+                       threads=args.threads, max_queue_delay_us=args.max_queue_delay_us, preferred=args.preferred,
+                       dynamic_batching=not args.no_dynamic_batching, classify_model=args.classify_model,
+                       continuous_model=args.continuous_model, overrides=parse_sets(args.set))
+
+
 def _cmd_triton_repo(args: argparse.Namespace) -> int:
-    from zeropur_rt.serving.repository import RepoOptions, write_repository
-    o = RepoOptions(name=args.name, backend=args.backend, device=args.device, instances=args.instances,
-                    threads=args.threads, max_queue_delay_us=args.max_queue_delay_us, preferred=args.preferred,
-                    dynamic_batching=not args.no_dynamic_batching, classify_model=args.classify_model,
-                    continuous_model=args.continuous_model, overrides=parse_sets(args.set))
-    out = write_repository(args.artifact_dir, args.out, o, force=args.force)
+    from zeropur_rt.serving.repository import write_repository
+    out = write_repository(args.artifact_dir, args.out, _repo_options(args), force=args.force)
     print(f"wrote {out}: " + ", ".join(sorted(d.name for d in out.iterdir() if (d / "config.pbtxt").is_file())))
     return 0
 
 
-def _add_triton_repo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("artifact_dir")
-    p.add_argument("--out", required=True, help="model repository directory to create")
+def _add_repo_args(p: argparse.ArgumentParser, out: bool) -> None:
+    p.add_argument("artifact_dir", help="directory written by zeropur-export")
+    if out:
+        p.add_argument("--out", required=True, help="model repository directory to create")
     p.add_argument("--name", default="zeropur", help="model name (the optional models get _classify / _continuous)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="onnxruntime: CPU instances; tensorrt: one instance per GPU")
@@ -136,28 +178,50 @@ def _add_triton_repo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing repository")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="zeropur-rt", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, helptext in (("purify", "purify images, write purified .npz + predictions"),
-                           ("classify", "classify images without purification")):
-        p = sub.add_parser(name, help=helptext)
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="zeropur-rt", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, helptext in (("purify", "purify images and classify the result; write a .npz or a PNG folder"),
+                           ("classify", "classify images with the bare classifier (no purification)")):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         _add_runtime_args(p)
-        p.add_argument("input", help=".npz with 'x' (uint8 NHWC or float NCHW) and optional 'y', a folder of images "
-                       "(flat, or one subfolder per class), or a path,label CSV")
+        p.add_argument("input", help="one image file, a folder of images (flat, or one subfolder per class), an .npz "
+                       "with 'x' (uint8 NHWC or float NCHW) and optional 'y', or a path,label CSV")
         p.add_argument("--resize", choices=["crop", "refuse"], default="refuse",
                        help="images of another size: refuse them (default), or scale to cover + centre crop")
-        p.add_argument("--out", default=None, help="output .npz (x_purified, pred, names[, y])")
+        p.add_argument("--out", default=None, help="FILE.npz (x_purified float32, pred, names[, y]) or, for purify, "
+                       "a new FOLDER of 8-bit PNG images named as the input's")
     from zeropur_rt import bench
     p = sub.add_parser("bench", help="purification latency per batch size and worker count",
                        description=(bench.__doc__ or "").splitlines()[0])
     _add_session_args(p)
     bench.add_args(p)
-    p = sub.add_parser("info", help="print and verify an artifact directory's manifest")
-    p.add_argument("artifact_dir")
-    _add_triton_repo_args(sub.add_parser("triton-repo", help="write a Triton Inference Server model repository"))
-    args = ap.parse_args(argv)
+    p = sub.add_parser("info", help="what an artifact holds (model, recipe, batch range, weights), hashes verified",
+                       description="Verify an artifact directory's files against its manifest and describe it.")
+    p.add_argument("artifact_dir", help="directory written by zeropur-export")
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON instead")
+    p = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository",
+                       description="Write a Triton model repository (Python-backend models over the artifact).")
+    _add_repo_args(p, out=True)
+    from zeropur_rt.serving import commands
+    p = sub.add_parser("serve", help=commands.SERVE_HELP, description=commands.SERVE_HELP[0].upper() + commands.SERVE_HELP[1:] + ".")
+    _add_repo_args(p, out=False)
+    commands.add_serve_args(p)
+    p = sub.add_parser("query", help=commands.QUERY_HELP, description=commands.QUERY_HELP[0].upper() + commands.QUERY_HELP[1:] + ".")
+    commands.add_query_args(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from zeropur_rt import bench
+    from zeropur_rt.serving import commands
     try:
+        if args.cmd == "query":
+            return commands.run_query(args)
+        if args.cmd == "serve":
+            return commands.run_serve(args, _repo_options(args))
         if args.cmd == "info":
             return _cmd_info(args)
         if args.cmd == "triton-repo":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_ENV = "ZEROPUR_SHARED"
+from zeropur_rt import sources
 
 
 def shared_dir(path: str | os.PathLike | None = None) -> Path:
@@ -15,30 +15,20 @@ def shared_dir(path: str | os.PathLike | None = None) -> Path:
 
     Only the location is resolved here; callers check for the files they need.
     """
-    if path is not None:
-        return Path(path)
-    if os.environ.get(SHARED_ENV):
-        return Path(os.environ[SHARED_ENV])
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        cand = base.parent / "shared"
-        if cand.is_dir():
-            return cand
-    return Path.cwd().parent / "shared"
+    return Path(path) if path is not None else sources.shared_dir()
 
 
 def cifar10_test_path(shared: str | os.PathLike | None = None) -> Path:
-    return shared_dir(shared) / "data" / "cifar10_test.npz"
+    """The shared folder's copy (tests read this one); commands resolve theirs with ``sources.cifar10_test_file``."""
+    return shared_dir(shared) / "data" / sources.CIFAR10_NPZ
 
 
 def load_cifar10_test(path: str | os.PathLike | None = None, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``start:stop`` of the CIFAR-10 test copy: (uint8 NHWC images, int64 labels).
 
-    ``path`` is the .npz file (default: ``<shared>/data/cifar10_test.npz``).
+    ``path`` is the .npz file (default: the first of ``sources.cifar10_test_file``'s places).
     """
-    p = Path(path) if path is not None else cifar10_test_path()
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"CIFAR-10 test data not found at {p}; pass --data PATH or set {SHARED_ENV} to the folder holding data/cifar10_test.npz")
+    p = sources.cifar10_test_file(path)
     with np.load(p) as z:
         if "x" not in z or "y" not in z:
             raise ValueError(f"{p} must hold arrays 'x' (N,32,32,3 uint8) and 'y' (N,) labels; found {list(z.keys())}")

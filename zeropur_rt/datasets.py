@@ -79,8 +79,11 @@ def read_dataset(src: str | os.PathLike, chw: Sequence[int], *, resize: str = "c
         out = _read_npz(p, (c, h, w), resize)
     elif p.suffix.lower() == ".csv":
         out = _read_csv(p, (c, h, w), resize)
+    elif p.suffix.lower() in IMAGE_SUFFIXES:  # one image file: unlabelled, a batch of one
+        out = ImageSet(_stack([read_image(p, (c, h, w), resize)]), None, [p.name], source=str(p))
     else:
-        raise DataError(f"{p}: expected an .npz, a .csv (path,label) or a folder of images, got a {p.suffix or 'suffix-less'} file")
+        raise DataError(f"{p}: expected an image ({', '.join(IMAGE_SUFFIXES)}), an .npz, a .csv (path,label) or a "
+                        f"folder of images, got a {p.suffix or 'suffix-less'} file")
     if labels and out.y is None:
         raise DataError(f"{p}: no labels (an .npz needs 'y'; a folder needs one subfolder per class; or pass a path,label CSV)")
     if out.y is not None and num_classes is not None and len(out.y) and (out.y.min() < 0 or out.y.max() >= num_classes):

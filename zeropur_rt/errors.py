@@ -25,3 +25,11 @@ class InputError(ZeroPurError, ValueError):
 
 class OutputError(ZeroPurError, OSError):
     """An output file that could not be written (disk full, file-size limit, permissions); nothing was left."""
+
+
+class MissingFileError(ZeroPurError, FileNotFoundError):
+    """A data or weights file found in none of the places looked; the message lists them and the fix."""
+
+
+class DownloadError(ZeroPurError, OSError):
+    """A download that failed or did not match its recorded hash; nothing loadable was left behind."""

@@ -1,11 +1,10 @@
-"""File helpers: sha256, atomic writes (temp file + rename), verified downloads."""
+"""File helpers: sha256, atomic writes (temp file + rename), bounded JSON reads, paths kept inside a root."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -99,27 +98,3 @@ def inside(root: Path, rel: str) -> Path:
     if not p.resolve().is_relative_to(real_root):
         raise ValueError(f"{p} points outside {root} (to {p.resolve()})")
     return p
-
-
-def download_verified(url: str, dest: str | os.PathLike, sha256: str, timeout: float = 60.0) -> Path:
-    """Fetch ``url`` (http(s) or file) to ``dest``; keep it only if its sha256 matches.
-
-    The bytes go to a temp file beside ``dest`` and are renamed into place after the check,
-    so a failed or tampered download never leaves a file that could be loaded.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                h.update(chunk)
-                out.write(chunk)
-        if h.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch for {url}: expected {sha256}, got {h.hexdigest()}; file discarded")
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -8,6 +8,11 @@
     zeropur-export demo --model resnet20 --n 64                  # PGD, then purification, on real images
     zeropur-export bench --model resnet20 --batch 1 32           # latency, cost model, steps sweep
     zeropur-export eval --models resnet20 --n 200                # robust accuracy under ART attacks
+    zeropur-export fetch                                         # weights + CIFAR-10 test set into the user cache
+
+Data and weights are looked up in: the command's flag, the environment variable, ../shared, the user cache
+(zeropur_rt/sources.py). ``--download`` on any command, or ``fetch`` once, fills the cache from the
+official sources, hash-checked.
 
 ``zeropur-export COMMAND -h`` lists a command's options. The deploy-time CLI is ``zeropur-rt``.
 """
@@ -15,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
+from zeropur_rt import sources
 from zeropur_rt.files import sha256_file
 
 # Commands whose module keeps its own parser: "module:function", imported only when asked for (calibrate's
@@ -53,7 +60,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="log each graph as it is traced and checked")
     from zeropur_export.victim_cli import add_victim_args
     add_victim_args(p, weights=False)  # --weights above serves both
 
@@ -134,12 +141,41 @@ def run_export_victim(args: argparse.Namespace) -> Path:
     return path
 
 
+def add_fetch_args(p: argparse.ArgumentParser) -> None:
+    names = sorted(sources.table())
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help=f"weights to fetch (default: all of {', '.join(n for n in names if n != 'cifar10')})")
+    p.add_argument("--data-only", action="store_true", help="fetch only the CIFAR-10 test set")
+    p.add_argument("--weights-only", action="store_true", help="fetch only the weights")
+    p.add_argument("--pngs", default=None, metavar="DIR", help="also write the first --n test images as PNG files "
+                   "in one folder per class (a folder zeropur-rt purify / classify reads; needs Pillow)")
+    p.add_argument("--n", type=int, default=16, help="images written by --pngs (default 16)")
+
+
+def run_fetch(args: argparse.Namespace) -> None:
+    """Every named source into the user cache (or found where it already is), then the PNG sample."""
+    table = sources.table()
+    weights = args.models or [n for n, s in table.items() if s.kind == "weights"]
+    names = ([] if args.weights_only else ["cifar10"]) + ([] if args.data_only else weights)
+    for name, path in zip(names, sources.fetch(names)):
+        print(f"{name}: {sources.describe_data(path) if name == 'cifar10' else path.name}\n  at {path}")
+    if args.pngs:
+        from zeropur_rt.data import load_cifar10_test
+        from zeropur_rt.images import write_class_folders
+        x, y = load_cifar10_test(None, 0, args.n)
+        print(f"wrote {write_class_folders(args.pngs, x, y)} ({args.n} PNG images, one folder per class)")
+    print(f"cache: {sources.cache_dir()} (${sources.CACHE_ENV} moves it)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeropur-export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     add_export_args(sub.add_parser("export", help="export a zoo victim's ZeroPur graphs into an artifact directory",
                                    description="Export a zoo victim's ZeroPur graphs into an artifact directory."))
+    add_fetch_args(sub.add_parser("fetch", help="download the weights and the CIFAR-10 test set (hash-checked)",
+                                  description="Download the zoo weights and the CIFAR-10 test set from their official "
+                                  "sources (or $ZEROPUR_MIRROR) into the user cache, hash-checked. Needs no torch."))
     for name, (_, helptext) in DELEGATED.items():
         # no options here: the command's own parser reads the rest of the line (its -h included)
         sub.add_parser(name, help=helptext, add_help=False)
@@ -149,9 +185,19 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = make_parser()
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    if args.cmd == "export" and rest:
+    if args.cmd in ("export", "fetch") and rest:
         ap.error(f"unrecognised arguments: {' '.join(rest)}")
+    if args.cmd != "fetch" and importlib.util.find_spec("torch") is None:
+        print(f"zeropur-export {args.cmd}: error: build-time commands need torch; install them with "
+              "pip install 'zeropur-rt[export]' (deploy-only installs run zeropur-rt, and zeropur-export fetch)",
+              file=sys.stderr)
+        return 2
+    if getattr(args, "download", False) or "--download" in rest:
+        sources.allow_download()  # every lookup of this run may fill the cache
     try:
+        if args.cmd == "fetch":
+            run_fetch(args)
+            return 0
         if args.cmd == "export":
             run_export(args)
             return 0

@@ -75,6 +75,13 @@ def add_victim_args(p: argparse.ArgumentParser, *, weights: bool = True, require
     g.add_argument("--embedding", default=None, metavar="NAME[:in]", help="embedding tap by hand, e.g. fc:in")
     g.add_argument("--ila", nargs="+", default=None, metavar="NAME", help="ILA taps by hand (last two stages)")
     g.add_argument("--lpips", nargs="+", default=None, metavar="NAME", help="LPIPS taps by hand (every stage)")
+    add_download_arg(p)
+
+
+def add_download_arg(p: argparse.ArgumentParser) -> None:
+    """``--download``: the one flag that lets a command fetch missing weights or data (zeropur_rt.sources)."""
+    p.add_argument("--download", action="store_true", help="fetch missing weights / CIFAR-10 test data from their "
+                   "official sources (or $ZEROPUR_MIRROR) into the user cache, hash-checked")
 
 
 def _numbers(text: str, flag: str, kind: Callable[[str], Any], n: int | None = None) -> tuple[Any, ...]:

@@ -141,14 +141,16 @@ class TritonServer:
     """
 
     def __init__(self, repo: str | os.PathLike, install: TritonInstall | None = None, *, ready_timeout: float = 120.0,
-                 extra_args: list[str] | None = None, log_path: str | os.PathLike | None = None):
+                 extra_args: list[str] | None = None, log_path: str | os.PathLike | None = None,
+                 ports: dict[str, int] | None = None):
         self.repo, self.install = Path(repo), install or find_triton()
+        self.fixed_ports = dict(ports or {})  # "http" / "grpc" / "metrics" -> port; the others free ones
         self.ready_timeout, self.extra_args = ready_timeout, list(extra_args or [])
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "TritonServer":
-        self.ports = {k: free_port() for k in ("http", "grpc", "metrics")}
+        self.ports = {k: self.fixed_ports.get(k) or free_port() for k in ("http", "grpc", "metrics")}
         self.http, self.grpc = f"127.0.0.1:{self.ports['http']}", f"127.0.0.1:{self.ports['grpc']}"
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
