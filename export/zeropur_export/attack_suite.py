@@ -33,12 +33,16 @@ class AttackSpec:
 
 ATTACKS: dict[str, AttackSpec] = {
     "pgd": AttackSpec("non-adaptive", "PGD (CE) on the bare classifier"),
-    "pgd-first": AttackSpec("non-adaptive", "PGD stopped at the first misclassification (the paper's AutoAttack "
-                                            "protocol: minimal perturbations)"),
+    "pgd-first": AttackSpec("non-adaptive", "PGD stopped at each image's first misclassification (minimal "
+                                            "perturbation, first success; not AutoAttack's protocol)"),
+    "autoattack": AttackSpec("non-adaptive", "AutoAttack standard (APGD-CE, APGD-T x 9, Square 5000; no FAB-T) on "
+                                             "the bare classifier, then purified: the paper's protocol"),
     "apgd-ce": AttackSpec("non-adaptive", "APGD-CE on the bare classifier"),
     "apgd-dlr": AttackSpec("non-adaptive", "APGD-DLR on the bare classifier"),
     "apgd-t": AttackSpec("non-adaptive", "APGD-T (targeted DLR, one run per target class) on the bare classifier"),
     "transfer": AttackSpec("transfer", "APGD-CE on another zoo classifier, transferred"),
+    "square": AttackSpec("black-box", "Square (logits, margin loss) querying the deployed system"),
+    "hopskipjump": AttackSpec("black-box", "HopSkipJump (labels only) querying the deployed system"),
     "bpda": AttackSpec("adaptive", "BPDA-PGD through the purifier (identity backward)"),
     "bpda-apgd-ce": AttackSpec("adaptive", "BPDA + APGD-CE through the purifier"),
     "bpda-apgd-dlr": AttackSpec("adaptive", "BPDA + APGD-DLR through the purifier"),
@@ -49,12 +53,16 @@ ATTACKS: dict[str, AttackSpec] = {
     "unrolled-apgd-dlr": AttackSpec("adaptive", "APGD-DLR, full gradient through the unrolled reference loop "
                                                 "(straight-through sign)"),
 }
+# The query attacks query the purifier per step (up to --queries purifications per image) and are scored per
+# budget: they run when named, not by default, and not in the cascade.
+QUERY = ("square", "hopskipjump")
+DEFAULT = tuple(k for k in ATTACKS if k not in QUERY)
 ADAPTIVE = tuple(k for k, v in ATTACKS.items() if v.group == "adaptive")
 WORST = "worst case (every attack)"
 # ``--cascade`` order: by purifications per image (1 for the attacks on a bare classifier, 9 for APGD-T,
 # about 20 / 100 / 500 for BPDA-PGD / BPDA-APGD / the unrolled gradient), so the costly attacks meet
 # only the few images the cheap ones left standing.
-CASCADE_ORDER = ("pgd-first", "pgd", "apgd-ce", "apgd-dlr", "transfer", "apgd-t", "bpda", "bpda-apgd-ce",
+CASCADE_ORDER = ("pgd-first", "pgd", "autoattack", "apgd-ce", "apgd-dlr", "transfer", "apgd-t", "bpda", "bpda-apgd-ce",
                  "bpda-apgd-dlr", "traj-apgd-ce", "traj-apgd-dlr", "unrolled-apgd-ce", "unrolled-apgd-dlr")
 
 
@@ -86,17 +94,23 @@ class Crafter:
         self._art = art_classifier
         self.bare = art_classifier(victim, self.k, self.chw)
         self._models: dict[str, Any] = {}
+        self.info: dict[str, Any] | None = None  # what the last craft reports beside its candidates
 
     def params(self, name: str) -> dict[str, Any]:
         o = self.o
+        ce = getattr(o, "ce", "ce")
         if name in ("pgd", "pgd-first"):
             return dict(eps_step=2 / 255, max_iter=o.pgd_steps, random_start=True,
-                        stop_at_success=name == "pgd-first")
+                        stop_at_success=name == "pgd-first", **self._loss(ce))
+        if name == "autoattack":
+            return dict(version="standard", attacks=["apgd-ce", "apgd-t", "square"], max_iter=o.apgd_iter,
+                        targets=o.apgd_targets, queries=o.queries, p_init=0.8, fab_t="not run", **self._loss(ce))
         if name == "bpda":
             return dict(eps_step=2 / 255, max_iter=o.bpda_steps, num_random_init=1, eot=o.eot)
+        dlr = "dlr" in name or name == "apgd-t"
         p: dict[str, Any] = dict(eps_step=2 * self.eps, nb_random_init=1,
-                                 loss_type="difference_logits_ratio" if ("dlr" in name or name == "apgd-t")
-                                 else "cross_entropy")
+                                 loss_type="difference_logits_ratio" if dlr else "cross_entropy",
+                                 **({} if dlr else self._loss(ce)))
         if name in ("apgd-ce", "apgd-dlr", "apgd-t"):
             p["max_iter"] = o.apgd_iter
         if name == "apgd-t":
@@ -112,6 +126,12 @@ class Crafter:
             p["gradient"] = "reference loop unrolled, straight-through sign and blur, checkpointed per step"
         return p
 
+    @staticmethod
+    def _loss(ce: str) -> dict[str, str]:
+        """The CE attacks' loss, named in their params only when it is not the published one (so the chunks of
+        earlier runs still resume)."""
+        return {} if ce == "ce" else dict(ce=ce)
+
     def _model(self, kind: str) -> Any:
         """The torch module ART differentiates, per gradient kind (made once)."""
         if kind not in self._models:
@@ -126,11 +146,20 @@ class Crafter:
         return self._models[kind]
 
     def _apgd(self, clf: Any, p: dict[str, Any], targeted: bool = False) -> Any:
+        if p.get("ce") == "stable-ce":
+            # ART's own CE saturates; with loss_type None its APGD minimises the estimator's loss, ours
+            from art.estimators.classification import PyTorchClassifier
+
+            from zeropur_export.attacks import StableCrossEntropy
+            est = PyTorchClassifier(model=clf.model, loss=StableCrossEntropy(), input_shape=clf.input_shape,
+                                    nb_classes=clf.nb_classes, clip_values=(0.0, 1.0), device_type="cpu")
+            return apgd(est, self.eps, p["max_iter"], self.o.batch, None, targeted)
         return apgd(clf, self.eps, p["max_iter"], self.o.batch, p["loss_type"], targeted)
 
     def craft(self, name: str, x: np.ndarray, y: np.ndarray, seed: int) -> list[np.ndarray]:
         """The attack's candidates for (x, y): one array, or one per target class for APGD-T."""
         import torch
+        self.info = None
         np.random.seed(seed)  # ART draws its random starts from numpy's global generator
         torch.manual_seed(seed)
         self.pur.reseed(seed)  # a randomised purifier's draws, per chunk: a resumed run draws the same
@@ -138,8 +167,15 @@ class Crafter:
         if name in ("pgd", "pgd-first"):
             from zeropur_export.attacks import pgd_linf
             adv = pgd_linf(self.victim, torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), self.eps,
-                           p["eps_step"], p["max_iter"], seed=seed, stop_at_success=p["stop_at_success"])
+                           p["eps_step"], p["max_iter"], seed=seed, stop_at_success=p["stop_at_success"],
+                           loss=p.get("ce", "ce"))
             return [adv.numpy()]
+        if name == "autoattack":
+            from zeropur_export import autoattack
+            adv, stages = autoattack.standard(self.victim, x, y, self.eps, p["max_iter"], p["targets"], p["queries"],
+                                              seed, p.get("ce", "ce"))
+            self.info = dict(stages=[vars(s) for s in stages])
+            return [adv]
         if name == "bpda":
             from art.attacks.evasion import ProjectedGradientDescent
             att = ProjectedGradientDescent(self._model("bpda"), norm=np.inf, eps=self.eps, eps_step=p["eps_step"],
@@ -237,6 +273,8 @@ def run_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray, y: np
                        purify_s=time.perf_counter() - t1, correct=bits(with_bare), correct_purified=bits(with_pur))
             if subset is not None:
                 row["rows"] = subset
+            if crafter.info is not None:
+                row["info"] = crafter.info
             ledger.put(key + name, start, stop, json.loads(json.dumps(row)))
         else:
             resumed += 1
@@ -253,7 +291,8 @@ def run_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray, y: np
 
 def worst_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-image worst case over each group that ran and over every attack, on the images all of them covered."""
-    groups = [(f"worst case ({g})", [r for r in rows if r["group"] == g]) for g in ("non-adaptive", "adaptive")]
+    groups = [(f"worst case ({g})", [r for r in rows if r["group"] == g])
+              for g in ("non-adaptive", "black-box", "adaptive")]
     out = []
     for label, rs in [*groups, (WORST, rows)]:
         if len(rs) < 2:

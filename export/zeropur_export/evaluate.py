@@ -7,11 +7,16 @@
 All L-inf at ``--eps`` (8/255). The attacks (``zeropur_export.attack_suite``; ART's PGD/APGD, our
 gradients through the defence in ``zeropur_export.adaptive``):
 
-* non-adaptive, crafted on the bare classifier and then purified: ``pgd`` (``--pgd-steps``),
-  ``pgd-first`` (the same PGD stopped at each image's first misclassification: the extreme of
-  AutoAttack's stop-at-success protocol, behind the paper's figures), ``apgd-ce``, ``apgd-dlr``, ``apgd-t`` (targeted DLR against
-  ``--apgd-targets`` classes, the clean logits' runners-up), ``--apgd-iter`` (100) iterations;
+* non-adaptive, crafted on the bare classifier and then purified: ``autoattack`` (AutoAttack's standard
+  version, the paper's protocol: APGD-CE, APGD-T, Square in sequence on the survivors, each APGD keeping
+  its last misclassified iterate; FAB-T left out), ``pgd`` (``--pgd-steps``), ``pgd-first`` (the same PGD
+  stopped at each image's first misclassification: minimal perturbation, first success), ``apgd-ce``,
+  ``apgd-dlr``, ``apgd-t`` (targeted DLR against ``--apgd-targets`` classes, the clean logits' runners-up),
+  ``--apgd-iter`` (100) iterations;
 * ``transfer``: APGD-CE on ``--transfer-from`` (another zoo classifier), then purified;
+* black box, only when named: ``square`` (logits) and ``hopskipjump`` (labels) querying the deployed
+  purifier, and the bare classifier for contrast, up to ``--queries`` per image on the first ``--query-n``
+  images, scored at 100 / 500 / 1000 / 5000 queries (``zeropur_export.query_attacks``);
 * adaptive, through the purifier, ``--adaptive-iter`` (100) iterations on the first
   ``--adaptive-n`` images: ``bpda`` (BPDA-PGD, ``--bpda-steps``), ``bpda-apgd-ce|dlr`` (identity
   backward), ``traj-apgd-ce|dlr`` (identity backward averaged over ``--trajectory-points``
@@ -38,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from zeropur_export.attack_suite import ATTACKS, WORST, bits
+from zeropur_export.attack_suite import ATTACKS, DEFAULT, QUERY, WORST, bits
 from zeropur_export.build import describe
 from zeropur_rt.config import ZeroPurConfig, parse_sets
 from zeropur_rt.files import atomic_write_json, atomic_write_text
@@ -69,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models", nargs="+", default=None, help="zoo architectures (default resnet20); or --victim")
     ap.add_argument("--n", type=int, default=100, help="images: test rows 0..N-1 (default 100)")
     ap.add_argument("--rows", default=None, help="START:STOP test rows (default 0:N); overrides --n")
-    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), help=f"any of {', '.join(ATTACKS)} (default: all)")
+    ap.add_argument("--attacks", nargs="+", default=list(DEFAULT), help=f"any of {', '.join(ATTACKS)} (default: all "
+                    f"but the query attacks {', '.join(QUERY)})")
     ap.add_argument("--eps", type=float, default=8.0, help="L-inf budget in 1/255 units (default 8)")
     ap.add_argument("--pgd-steps", type=int, default=20)
     ap.add_argument("--apgd-iter", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
@@ -83,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--unrolled-n", type=int, default=None, help="unrolled attacks on the first K images only "
                     "(default: --adaptive-n)")
     ap.add_argument("--bpda-steps", type=int, default=20, help="BPDA-PGD steps")
+    ap.add_argument("--queries", type=int, default=5000, help="most queries per image of square / hopskipjump, and "
+                    "autoattack's Square budget (AutoAttack: 5000)")
+    ap.add_argument("--query-n", type=int, default=None, help="query attacks on the first K images only")
+    ap.add_argument("--p-init", type=float, default=0.8, help="Square's initial share of pixels (AutoAttack: 0.8)")
+    ap.add_argument("--ce", choices=["ce", "stable-ce"], default="ce", help="loss of pgd, pgd-first, autoattack's "
+                    "APGD-CE and the APGD-CE attacks: cross-entropy (published figures) or softplus of the "
+                    "log-sum-exp margin, which does not round to 0 at large margins")
     ap.add_argument("--trajectory-points", type=int, default=8, help="iterates the trajectory BPDA averages over")
     ap.add_argument("--cascade", action="store_true", help="AutoAttack's protocol: each attack (cheapest first) on "
                     "the images still robust; reports the worst case over every attack on all N images")
@@ -132,14 +145,16 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.rows[1] <= args.rows[0]:
         raise ValueError(f"need at least one image, got --n {args.n}")
     for name in ("pgd_steps", "apgd_iter", "apgd_targets", "adaptive_iter", "bpda_steps", "trajectory_points", "eot",
-                 "batch", "threads"):
+                 "batch", "threads", "queries"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("adaptive_n", "unrolled_n", "unrolled_iter"):
+    for name in ("adaptive_n", "unrolled_n", "unrolled_iter", "query_n"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.cascade and (args.adaptive_n or args.unrolled_n):
         raise ValueError("--cascade attacks every image still robust; --adaptive-n / --unrolled-n do not apply")
+    if args.cascade and set(args.attacks) & set(QUERY):
+        raise ValueError(f"the query attacks ({', '.join(QUERY)}) are scored per budget; run them without --cascade")
     args.unrolled_iter = args.unrolled_iter if args.unrolled_iter is not None else args.adaptive_iter
     args.unrolled_n = args.unrolled_n if args.unrolled_n is not None else args.adaptive_n
     if not 0 < args.eps <= 255:
@@ -232,10 +247,16 @@ class Evaluator:
                                          a.batch, self.purified_pred, a.quiet, lambda m: log(f"{self.model} {m}"))
             return res
         for name in a.attacks:
-            limit = a.unrolled_n if name.startswith("unrolled-") else a.adaptive_n if name in ADAPTIVE else None
+            limit = a.unrolled_n if name.startswith("unrolled-") else a.adaptive_n if name in ADAPTIVE else \
+                a.query_n if name in QUERY else None
             k = len(x) if limit is None else min(len(x), limit)
-            row = run_attack(name, self.crafter, ledger, x[:k], y[:k], np.arange(a.rows[0], a.rows[0] + k), a.seed,
-                             a.batch, self.purified_pred, a.quiet)
+            if name in QUERY:
+                from zeropur_export.query_attacks import run_query_attack
+                row = run_query_attack(name, self.crafter, ledger, x[:k], y[:k], np.arange(a.rows[0], a.rows[0] + k),
+                                       a.seed, a.batch, a.quiet)
+            else:
+                row = run_attack(name, self.crafter, ledger, x[:k], y[:k], np.arange(a.rows[0], a.rows[0] + k),
+                                 a.seed, a.batch, self.purified_pred, a.quiet)
             rows.append(row)
             resumed = f", {row['chunks_resumed']} of {row['chunks']} chunks resumed" if row["chunks_resumed"] else ""
             log(f"{self.model} {name:17s}: {row['robust_acc']:5.1f}% bare, {row['robust_acc_purified']:5.1f}% "
@@ -248,7 +269,7 @@ class Evaluator:
 
 
 def _iterations(p: dict[str, Any]) -> str:
-    it = str(p.get("max_iter", "-"))
+    it = str(p.get("max_iter", f"{p['queries']} queries" if "queries" in p else "-"))
     if p.get("targets"):
         it += f" x {p['targets']} targets"
     if p.get("eot", 1) > 1:
@@ -285,7 +306,8 @@ def markdown(res: dict[str, Any]) -> str:
     if "cascade" in res:
         lines += _cascade_markdown(res)
     else:
-        lines += _attack_table(res)
+        from zeropur_export.query_attacks import markdown as query_markdown
+        lines += _attack_table(res) + query_markdown(res["attacks"])
     lines += ["", "Attack s: wall time crafting the adversarial images (adaptive attacks purify inside it); purify s: "
               "purifying them for the ZeroPur column. Command: `zeropur-export eval " + " ".join(res["argv"]) + "`"]
     return "\n".join(lines)
