@@ -66,7 +66,7 @@ def test_worst_case_objective_scores_the_worst_attack_and_reports_both(real, tmp
     assert "worst case" in capsys.readouterr().out
 
 
-def test_no_config_in_budget_exits_3_with_report_and_no_config(real, tmp_path, capsys):
+def test_no_config_in_budget_exits_3_with_the_closest_miss_marked_and_reruns_from_cache(real, tmp_path, capsys):
     out = tmp_path / "cal"
     out.mkdir()
     (out / "calibrated_config.json").write_text("{}")  # stale: must not survive a failed calibration
@@ -77,8 +77,21 @@ def test_no_config_in_budget_exits_3_with_report_and_no_config(real, tmp_path, c
     rep = json.loads((out / "report.json").read_text())
     assert rep["chosen"] is None and "no config" in rep["message"]
     assert (out / "report.md").is_file() and (out / "report.png").is_file()
-    assert not (out / "calibrated_config.json").exists()
+    # the stale {} is replaced by the closest miss, marked; build_config reads it and keeps the mark
+    miss = json.loads((out / "calibrated_config.json").read_text())
+    assert miss.pop("_budget").startswith("FAILS the budget") and miss == rep["fallback"]["config"]
+    from zeropur_export.build import build_config
+    cfg, prov = build_config("cifar10", out / "calibrated_config.json")
+    assert cfg.to_dict() == miss and prov["budget"].startswith("FAILS")
     assert "no config kept purified clean accuracy" in capsys.readouterr().err
+    # another threshold re-ranks the cached outcomes: nothing is purified again, the figures are the same
+    rc = cli.main(argv + ["--max-clean-drop", "100", "--out", str(out)])
+    assert rc == 0
+    rep2 = json.loads((out / "report.json").read_text())
+    assert f"{len(rep['configs'])} configs' outcomes reused" in capsys.readouterr().out
+    before = {r["label"]: (r["n"], r["clean_purified"], r["pgd_purified"]) for r in rep["configs"]}
+    assert all(before[r["label"]] == (r["n"], r["clean_purified"], r["pgd_purified"]) for r in rep2["configs"])
+    assert "_budget" not in json.loads((out / "calibrated_config.json").read_text())
 
 
 def test_python_api_returns_a_config_and_a_report(real, tmp_path):

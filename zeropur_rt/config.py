@@ -56,11 +56,13 @@ class ZeroPurConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
                 raise ConfigError(f"config.{name} must be a finite number (float32 range), got {v!r}")
-        if self.eps <= 0:
-            raise ConfigError(f"config.eps must be > 0, got {self.eps}")
-        for name in ("gs_step", "ap_step"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"config.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("eps", "gs_step", "ap_step"):
+            v = getattr(self, name)
+            if v <= 0:
+                raise ConfigError(f"config.{name} must be > 0, got {v}")
+            if v > 1:  # images live in [0, 1]: a budget above 1 is a budget written in pixel levels
+                raise ConfigError(f"config.{name}={v:g} is outside [0, 1] (images are in [0, 1]); did you mean "
+                                  f"{name}={v:g}/255?")
         for name in ("blur_sigma", "ila_weight", "lpips_weight", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config.{name} must be >= 0, got {getattr(self, name)}")

@@ -28,12 +28,13 @@ def describe_config(cfg: dict[str, Any]) -> str:
 
 def describe_manifest(m: Manifest) -> str:
     weights = (f"sha256 {m.weights_sha256[:16]}..." if m.weights_sha256 else
-               "RANDOM INIT (no trained weights: purified outputs mean nothing)")
+               "NO WEIGHTS FILE: random init or the factory's own parameters (unverified)")
     recipe = (m.calibration or {}).get("recipe") or m.config.get("preset", "?")
     return "\n".join([
         f"model        {m.model}, {m.num_classes} classes, input {'x'.join(map(str, m.input_shape))} (C,H,W)",
         f"weights      {weights}",
         f"recipe       {recipe}: {describe_config(m.config)}",
+        *([f"             WARNING: {m.calibration['budget']}"] if (m.calibration or {}).get("budget") else []),
         f"batch        {m.batch.get('min')}..{m.batch.get('max')} (opt {m.batch.get('opt')})",
         f"graphs       {', '.join(sorted(m.graphs))} (ONNX opset {m.opset}, revision {m.tools.get('graph_revision', '?')})",
         f"engines      {', '.join(sorted(m.engines)) or 'none (zeropur-export build-engines adds TensorRT engines)'}",

@@ -94,6 +94,9 @@ def check_manifest(artifact_dir: str | os.PathLike, verify_files: bool = True) -
     """``load_manifest``'s checks wherever the directory lies (the exporter's round trip on its temp dir)."""
     d = Path(artifact_dir)
     p = d / MANIFEST
+    if not d.is_dir():
+        raise ArtifactError(f"{d}: no such directory (an artifact directory is what zeropur-export export --out "
+                            "writes)")
     if p.is_symlink() or not p.is_file():
         raise ArtifactError(f"{d} is not an artifact directory (no {MANIFEST} file); {REBUILD_HINT}")
     raw = read_json_object(p, ArtifactError, "manifest", REBUILD_HINT)

@@ -5,6 +5,7 @@ A recipe is a ZeroPurConfig with a name: ``paper`` (the model's preset, the rele
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,7 +29,11 @@ def build_config(preset_name: str, config_file: str | Path | None = None, sets: 
     if config_file:
         raw = read_json_object(config_file, ConfigError, "config file")
         calibration = {"config_file": Path(config_file).name, "sha256": sha256_file(config_file)}  # provenance
-        cfg = ZeroPurConfig.from_dict({**cfg.to_dict(), **raw})
+        if "_budget" in raw:  # a calibration that found nothing wrote its closest miss, marked
+            calibration["budget"] = str(raw["_budget"])
+            print(f"warning: {config_file} {raw['_budget']} (its calibration found no config within budget)",
+                  file=sys.stderr)
+        cfg = ZeroPurConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in raw.items() if not k.startswith("_")}})
     return apply_overrides(cfg, parse_sets(sets)), calibration
 
 

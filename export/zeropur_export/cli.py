@@ -130,6 +130,10 @@ def run_export_victim(args: argparse.Namespace) -> Path:
         verify_sha256(Path(args.weights), args.weights_sha256.lower())
     batch = BatchRange(args.min_batch, args.opt_batch, args.max_batch)
     rv = resolve_victim(args, random_init=args.random_init, seed=args.seed)
+    if rv.weights_sha256 is None and not args.random_init:
+        print(f"warning: no --weights: exporting {rv.name}'s own parameters as its factory left them (random unless it "
+              "loads trained ones); the manifest records no weights file. Pass --weights FILE, or --random-init to "
+              "say random weights are meant", file=sys.stderr)
     shape = rv.victim.spec.input_shape
     cfg, calibration = build_config(args.preset or preset_name(rv), args.config, args.set, input_shape=shape)
     t = time.perf_counter()

@@ -16,10 +16,12 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from zeropur_rt import sources
 from zeropur_rt.data import load_cifar10_test, to_nchw_float
 from zeropur_rt.files import atomic_write_json
 from zeropur_rt.progress import progress
 from zeropur_rt.schedule import STAGES
+from zeropur_export.victim_cli import add_download_arg
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch", "reference")
 ATTACK = "PGD-Linf 8/255 (step 2/255, 20 steps, random start) on the bare classifier"
@@ -49,7 +51,7 @@ def run_demo(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
     recipe, source, pur = open_purifier(model, args)
     victim = load_victim(model)
-    xs, ys = load_cifar10_test(args.data, 0, args.n)
+    xs, ys = load_cifar10_test(args.data_file, 0, args.n)
     x = to_nchw_float(xs)
     correct: dict[str, int] = defaultdict(int)
     stage_s: dict[str, float] = defaultdict(float)
@@ -68,7 +70,7 @@ def run_demo(model: str, args: argparse.Namespace) -> dict[str, Any]:
             for k, v in st.seconds.items():
                 stage_s[k] += v
     total = sum(stage_s.values()) or 1.0
-    result = dict(model=model, n=args.n, seed=args.seed, rows=[0, args.n], recipe=recipe,
+    result = dict(model=model, n=args.n, seed=args.seed, rows=[0, args.n], recipe=recipe, data=args.data_name,
                   recipe_summary=describe(pur.cfg), config=pur.cfg.to_dict(), backend=args.backend, source=source,
                   kernels=pur.kernels.name, accuracy={k: 100.0 * v / args.n for k, v in correct.items()},
                   seconds=dict(secs, purify_per_image=secs["purify"] / (2 * args.n)),
@@ -79,7 +81,7 @@ def run_demo(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def format_report(results: list[dict[str, Any]]) -> str:
     """The accuracy table, then per model the recipe it ran and where the purification time went."""
-    lines = [f"ZeroPur, CIFAR-10 test rows 0..{results[0]['n'] - 1}, {ATTACK}.", "",
+    lines = [f"ZeroPur, CIFAR-10 test rows 0..{results[0]['n'] - 1}, {ATTACK}.", f"Data: {results[0]['data']}.", "",
              "| model | recipe | clean | clean, purified | PGD-20 | PGD-20, purified | purify s/image |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifacts", default=None, help="artifact directory of the one --model (default "
                     "artifacts/<model>-<recipe>; exported if missing, refused if exported with another config)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data", default=None, help="cifar10_test.npz (default: <shared>/data)")
+    ap.add_argument("--data", default=None, help="cifar10_test.npz (default: $ZEROPUR_DATA, <shared>/data, the user cache)")
+    add_download_arg(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -120,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--artifacts names one directory: use it with one --model")
     if args.ap_mode != "lean" and args.backend != "reference":
         ap.error("--ap-mode recompute is the reference's; the exported graphs are lean")
+    from zeropur_export.weights import find_weights
+    # Every input found before the first export or attack: a missing file fails in a second, not after minutes.
+    args.data_file = sources.cifar10_test_file(args.data)
+    args.data_name = sources.describe_data(args.data_file)
+    for m in args.model:
+        find_weights(m)
     import torch
     torch.set_num_threads(args.threads)
     results = [run_demo(m, args) for m in args.model]

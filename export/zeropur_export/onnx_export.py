@@ -327,6 +327,10 @@ def _commit(tmp: Path, out_dir: Path, force: bool) -> None:
 
 
 # ---------------------------------------------------------------- the API
+# What the manifest (tools.weights), ``zeropur-rt info`` and every report say of an export with no weights file.
+UNVERIFIED_WEIGHTS = "none: random init or the factory's own parameters, no weights file"
+
+
 def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathLike, *,
                      batch: BatchRange | Sequence[int] | dict[str, int] = BatchRange(),
                      force: bool = False, weights_sha256: str | None = None, model: str | None = None,
@@ -383,6 +387,7 @@ def export_artifacts(victim: Victim, cfg: ZeroPurConfig, out_dir: str | os.PathL
             taps={**s.to_dict(), **({"source": taps_source} if taps_source else {})}, config=cfg.to_dict(), input_shape=tuple(s.input_shape), mean=tuple(s.mean),
             std=tuple(s.std), num_classes=s.num_classes, batch=batch.to_dict(), opset=opset,
             tools={**tool_versions(), "graph_revision": str(GRAPH_REVISION),
+                   "weights": "file, sha256 recorded" if weights_sha256 else UNVERIFIED_WEIGHTS,
                    **({"bn_folded": folded.summary()} if fold else {})},
             graphs=graph_specs, files=files, calibration=calibration)
         atomic_write_json(tmp / MANIFEST, manifest.to_dict())

@@ -19,6 +19,7 @@ from zeropur_rt.progress import progress as progress_bar
 from .attack import apgd_images, attacked_images
 from .common import ATTACK, CalibError, cfg_label, labelled, paper_config, predict
 from .evaluator import OBJECTIVES, WORST_OF, Evaluator
+from .record_cache import load_records, save_records
 from .report import rows_table, write_calibration, write_evaluation
 from .search import Grid, run_search
 
@@ -100,7 +101,8 @@ def calibrate(victim: Victim, x: Any, y: Any, *, max_clean_drop: float = 3.0, mi
               grid: Grid | None = None, stage_n: Sequence[int] = (64, 192, 1000), device: str | None = None,
               batch: int = 100, progress: bool = True, attack_steps: int = ATTACK["steps"], seed: int = 0,
               first_row: int = 0, pgd_cache: str | Path | None = None, log: Log | None = None,
-              objective: str = "pgd", apgd_iter: int = 100, bpda_steps: int = 5) -> CalibrationResult:
+              objective: str = "pgd", apgd_iter: int = 100, bpda_steps: int = 5,
+              eval_cache: str | Path | None = None) -> CalibrationResult:
     """Search ZeroPur recipes for ``victim`` on labelled images ``x`` (NCHW float in [0, 1], torch or numpy),
     ``y`` (int labels): maximise purified PGD-20 accuracy subject to purified clean accuracy >= unpurified
     clean accuracy - ``max_clean_drop`` points and purified PGD accuracy >= unpurified + ``min_robust_gain``.
@@ -112,7 +114,8 @@ def calibrate(victim: Victim, x: Any, y: Any, *, max_clean_drop: float = 3.0, mi
     ``stage_n``: images of the screening stages, the refinement and the final (each capped at len(x)).
     ``device``: where the search runs (default: the victim's device; the victim is moved there).
     ``first_row``: the index of x[0] in its data set, which seeds the PGD random start (a slice is attacked
-    as in the whole set); ``pgd_cache``: an .npz that keeps the PGD images between runs.
+    as in the whole set); ``pgd_cache``: an .npz that keeps the PGD images between runs; ``eval_cache``: a JSON
+    file that keeps every config's per-row outcomes, so a rerun with another budget only re-ranks them.
     ``log``: receives one line per stage. Raises CalibError on bad input.
     """
     grid = grid or Grid()
@@ -138,7 +141,11 @@ def calibrate(victim: Victim, x: Any, y: Any, *, max_clean_drop: float = 3.0, mi
     log(f"PGD-{attack_steps} {'(cached) ' if info['attack_cached'] else ''}{pgd_seconds:.0f} s; unpurified "
         f"clean {100 * ev.base_clean.mean():.1f}%, PGD {100 * ev.base_adv.mean():.1f}%")
     stage_n = [min(int(v), len(xt)) for v in stage_n]
+    if eval_cache is not None and (k := load_records(ev, Path(eval_cache))):
+        log(f"{k} configs' outcomes reused from {eval_cache}")
     chosen, notes = run_search(ev, grid, stage_n, max_clean_drop, min_robust_gain, log)
+    if eval_cache is not None:
+        save_records(ev, Path(eval_cache))
 
     rows = rows_table(ev, list(ev.records.values()), chosen, max_clean_drop)
     rep: dict[str, Any] = dict(
@@ -164,6 +171,12 @@ def calibrate(victim: Victim, x: Any, y: Any, *, max_clean_drop: float = 3.0, mi
             "; ".join(f"[{r['label']}] drop {r['clean_drop']:.1f}, {objective} {r['robust']:.1f}% (n={r['n']})" for r in best) +
             ". Raise the budget (--max-clean-drop), or widen the grid (e.g. ILA weights between the ones that do "
             "nothing and the ones that wreck clean accuracy, more AP steps).")
+        fallback = max(ev.records.values(), key=lambda r: (r.n, -ev.stats(r)["clean"] + ev.stats(r)["clean_purified"],
+                                                           ev.stats(r)["robust"]), default=None)
+        if fallback is not None:
+            row = next(r for r in rows if r["config"] == fallback.cfg.to_dict())
+            rep["fallback"] = dict(row, budget=f"FAILS the budget: clean drop {row['clean_drop']:.1f} points "
+                                   f"(budget {max_clean_drop:g}), {objective} {row['robust']:.1f}%")
     return CalibrationResult(chosen.cfg if chosen is not None else None, rep)
 
 

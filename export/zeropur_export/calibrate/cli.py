@@ -221,7 +221,7 @@ def _search_and_save(args: argparse.Namespace, victim: Any, x: Any, y: Any, cali
                     stage_n=stage_n, device=args.device, batch=args.batch, progress=args.progress,
                     attack_steps=args.attack_steps, seed=args.seed, first_row=calib[0],
                     pgd_cache=out / "pgd_cache.npz", log=log, objective=args.objective, apgd_iter=args.apgd_iter,
-                    bpda_steps=args.bpda_steps)
+                    bpda_steps=args.bpda_steps, eval_cache=out / "eval_cache.json")
     if res.config is None:
         res.report["message"] += f" Next knob: {NEXT_KNOB[budget]}."
     res.report = dict(**head, calib_rows=list(calib), budget=budget,
@@ -229,7 +229,8 @@ def _search_and_save(args: argparse.Namespace, victim: Any, x: Any, y: Any, cali
     res.save(out)
     rep = res.report
     log(f"{rep['configs_tried']} configs tried in {rep['wall_seconds']:.0f} s; wrote {out}/report.md, report.json, report.png"
-        + (", calibrated_config.json" if res.config is not None else ""))
+        + (", calibrated_config.json" if res.config is not None else "")
+        + (", calibrated_config.json (the closest miss, marked as failing the budget)" if rep.get("fallback") else ""))
     if res.config is None:
         print(f"{PROG}: {rep['message']}", file=sys.stderr)
         return EXIT_NO_FEASIBLE
@@ -251,7 +252,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rows", default=None, help="evaluation rows START:STOP inside 0:5000 (default 0:1000; with "
                     "--victim and --data: the first half)")
     ap.add_argument("--force-overlap", action="store_true", help="allow rows overlapping a config's calibration slice")
-    ap.add_argument("--out", default=None, help="output directory (default runs/eval_<model>)")
+    ap.add_argument("--out", default=None, help="output directory (default runs/calib_eval_<model>; eval writes runs/eval_<model>)")
     _common_flags(ap, "torch device: cpu (default) or cuda[:i]")
     return ap
 
@@ -271,7 +272,7 @@ def run_eval(argv: list[str]) -> int:
                                  f"{' of ' + name if cr == crow else ' (the default calibration slice)'}; evaluate on rows "
                                  f"inside {EVAL_ROWS[0]}:{EVAL_ROWS[1]} or pass --force-overlap")
     _torch_setup(args)
-    out = Path(args.out or f"runs/eval_{args.model}")
+    out = Path(args.out or f"runs/calib_eval_{args.model}")
     victim, x, y, wpath, wsha, data_path = _images(args, rows)
     res = evaluate_configs(victim, x, y, [(name, cfg) for name, cfg, _ in configs], device=args.device,
                            batch=args.batch, progress=args.progress, attack_steps=args.attack_steps, seed=args.seed,
@@ -300,7 +301,7 @@ def run_eval_own(args: argparse.Namespace) -> int:
         if crow and overlap(rows, crow) and not args.force_overlap:
             raise CalibError(f"--rows {rows[0]}:{rows[1]} overlaps the calibration rows {crow[0]}:{crow[1]} of {name}; "
                              "evaluate on the first half or pass --force-overlap")
-    out = Path(args.out or f"runs/eval_{rv.name}")
+    out = Path(args.out or f"runs/calib_eval_{rv.name}")
     res = evaluate_configs(rv.victim, torch.from_numpy(x[rows[0]:rows[1]]), y[rows[0]:rows[1]],
                            [(name, cfg) for name, cfg, _ in configs], device=args.device, batch=args.batch,
                            progress=args.progress, attack_steps=args.attack_steps, seed=args.seed, first_row=rows[0],

@@ -12,7 +12,8 @@ import numpy as np
 from zeropur_export.weights import KNOWN_WEIGHTS, find_weights
 from zeropur_export.zoo import load_victim, zoo_names
 from zeropur_rt.config import ZeroPurConfig
-from zeropur_rt.data import cifar10_test_path, load_cifar10_test
+from zeropur_rt import sources
+from zeropur_rt.data import load_cifar10_test
 from zeropur_rt.files import sha256_file
 
 from .common import CalibError, paper_config
@@ -68,9 +69,10 @@ def parse_ila(text: str) -> list[tuple[bool, float]]:
 
 def load_labelled(path: str | None, rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, str]:
     """(uint8 NHWC images, labels, the file read) of ``rows`` of a CIFAR-10-style .npz."""
-    p = Path(path) if path is not None else cifar10_test_path()
-    if not p.is_file():
-        raise CalibError(f"data file not found: {p} (pass --data PATH to a .npz with 'x' uint8 N,32,32,3 and 'y' labels)")
+    try:
+        p = sources.cifar10_test_file(path)
+    except FileNotFoundError as e:
+        raise CalibError(f"{e} (--data takes a .npz with 'x' uint8 N,32,32,3 and 'y' labels)") from None
     try:
         with np.load(p) as z:
             keys = list(z.keys())
@@ -84,7 +86,7 @@ def load_labelled(path: str | None, rows: tuple[int, int]) -> tuple[np.ndarray, 
     if rows[1] > n:
         raise CalibError(f"rows {rows[0]}:{rows[1]} out of range: {p} holds {n} images")
     x, y = load_cifar10_test(p, rows[0], rows[1])
-    return x, y, str(p)
+    return x, y, f"{p} ({sources.describe_data(p)})"
 
 
 def load_model(model: str, weights: str | None) -> tuple[Any, str, str]:

@@ -140,6 +140,8 @@ def write_calibration(out: Path, rep: dict[str, Any], config: ZeroPurConfig | No
     cfg_path = out / "calibrated_config.json"
     if config is not None:
         atomic_write_json(cfg_path, config.to_dict())
+    elif rep.get("fallback"):  # the closest miss, to try; "_budget" marks it (export and info warn about it)
+        atomic_write_json(cfg_path, {**rep["fallback"]["config"], "_budget": rep["fallback"]["budget"]})
     elif cfg_path.exists():
         cfg_path.unlink()  # a stale config from an earlier run would contradict this report
 
