@@ -176,6 +176,8 @@ class TapSuggestion:
     stages: tuple[str, ...]
     problems: tuple[str, ...]
     embedding_shape: tuple[int, ...] | None = None
+    calls: tuple[tuple[str, tuple[int, ...]], ...] = ()  # every module call in order, a reused module once per call
+    negative: frozenset[str] = frozenset()  # modules whose output holds negative values: pre-activation
 
     @property
     def complete(self) -> bool:
@@ -206,6 +208,7 @@ def suggest_taps(net: nn.Module, input_shape: Any) -> TapSuggestion:
     order: list[tuple[str, tuple[int, ...]]] = []
     calls: dict[str, int] = {}
     lin_in: dict[str, tuple[int, ...]] = {}
+    negative: set[str] = set()
     hooks = []
 
     def post(name: str):
@@ -213,6 +216,8 @@ def suggest_taps(net: nn.Module, input_shape: Any) -> TapSuggestion:
             calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor):
                 order.append((name, tuple(out.shape)))
+                if out.is_floating_point() and bool((out < 0).any()):
+                    negative.add(name)
             if isinstance(_m, nn.Linear) and args and isinstance(args[0], torch.Tensor):
                 lin_in[name] = tuple(args[0].shape)
         return hook
@@ -226,7 +231,11 @@ def suggest_taps(net: nn.Module, input_shape: Any) -> TapSuggestion:
         p = next(net.parameters(), None)
         x = torch.full((1, *input_shape), 0.5, dtype=p.dtype if p is not None else torch.float32)
         with torch.no_grad():
-            net(x)
+            try:
+                net(x)
+            except RuntimeError as e:  # a shape the network does not take: say which shape was tried
+                raise ValueError(f"one forward pass of a {tuple(x.shape)} input failed ({str(e).splitlines()[0]}); "
+                                 "is the input shape right (channels first: C,H,W)?") from None
     finally:
         for h in hooks:
             h.remove()
@@ -255,14 +264,22 @@ def suggest_taps(net: nn.Module, input_shape: Any) -> TapSuggestion:
                         "forward pass); ILA needs two")
     ila = tuple(stages[-2:]) if len(stages) >= 2 else ()
     return TapSuggestion(embedding, ila, tuple(stages) if len(stages) >= 2 else (), shapes, tuple(stages),
-                         tuple(problems), lin_in[linears[-1]] if embedding else None)
+                         tuple(problems), lin_in[linears[-1]] if embedding else None, tuple(order), frozenset(negative))
 
 
 def format_suggestion(s: TapSuggestion) -> str:
     """The traced modules with their shapes (stages marked) and the proposed taps, for the terminal."""
     lines = ["module outputs, in call order (1 image):"]
-    for n, shp in s.shapes.items():
+    total = {n: sum(1 for m, _ in s.calls if m == n) for n, _ in s.calls}
+    seen: dict[str, int] = {}
+    for n, shp in s.calls or tuple(s.shapes.items()):
+        seen[n] = seen.get(n, 0) + 1
         mark = "  <- stage" if n in s.stages else ""
+        if total.get(n, 1) > 1:  # a module called more than once has no single output to tap
+            mark = f"  (call {seen[n]} of {total[n]}: a reused module, never a tap)"
+        elif n in s.stages and n in s.negative:
+            mark += " (pre-activation: its output has negative values, so the activation runs outside a module, " \
+                    "e.g. F.relu in forward; the taps see features before it)"
         lines.append(f"  {n:40s} {'x'.join(map(str, shp[1:]))}{mark}")
     if s.complete:
         lines += ["", "suggested taps:",

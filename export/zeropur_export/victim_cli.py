@@ -165,6 +165,9 @@ def _contract(args: argparse.Namespace) -> dict[str, Any]:
         shp = tuple(d["input_shape"])
         if len(shp) != 3 or any(not isinstance(v, int) or v <= 0 for v in shp):
             raise VictimError(f"input shape must be three positive integers C,H,W, got {list(shp)}")
+        if shp[0] > 4 and shp[2] in (1, 3, 4):  # H,W,C: the layout images are stored in, not the one torch takes
+            raise VictimError(f"input shape {','.join(map(str, shp))} looks channels-last; the input shape is "
+                              f"channels first (C,H,W): did you mean --input-shape {shp[2]},{shp[0]},{shp[1]}?")
     if "num_classes" in d and (not isinstance(d["num_classes"], int) or d["num_classes"] < 2):
         raise VictimError(f"--num-classes must be an integer >= 2, got {d['num_classes']!r}")
     return d
