@@ -11,7 +11,7 @@ pytest.importorskip("art")
 torch = pytest.importorskip("torch")
 
 from zeropur_export import attack_suite  # noqa: E402
-from zeropur_export.attack_suite import ADAPTIVE, ATTACKS, WORST  # noqa: E402
+from zeropur_export.attack_suite import ADAPTIVE, DEFAULT, WORST  # noqa: E402
 from zeropur_export.cli import main  # noqa: E402
 
 FAST = ["--set", "gs_steps=1", "ap_steps=1", "--quiet", "--threads", "2"]
@@ -58,7 +58,7 @@ def test_preprocessor_is_purify_forward_identity_backward(pur20, victim20, cifar
 def _eval(art20, out, *extra):
     return main(["eval", "--models", "resnet20", "--artifacts", str(art20), "--rows", "0:12", "--batch", "8",
                  "--pgd-steps", "3", "--apgd-iter", "3", "--apgd-targets", "2", "--adaptive-iter", "2",
-                 "--bpda-steps", "2", "--adaptive-n", "6", "--trajectory-points", "3", "--seed", "3",
+                 "--bpda-steps", "2", "--queries", "20", "--adaptive-n", "6", "--trajectory-points", "3", "--seed", "3",
                  "--out", str(out), *FAST, *extra])
 
 
@@ -69,7 +69,7 @@ def test_eval_end_to_end_every_attack_resumable(art20, victim20, cifar, tmp_path
     res = json.loads((out / "eval.json").read_text())
     md = (out / "eval.md").read_text()
     rows = {r["attack"]: r for r in res["attacks"]}
-    assert set(ATTACKS) < set(rows) and WORST in rows
+    assert set(DEFAULT) < set(rows) and WORST in rows
     for name in rows:
         assert f"| {name} |" in md or f"| **{name}** |" in md
     assert md.index(WORST) < md.index("| pgd |")          # the worst case comes first
@@ -81,7 +81,7 @@ def test_eval_end_to_end_every_attack_resumable(art20, victim20, cifar, tmp_path
     with torch.no_grad():
         ref = victim20(torch.from_numpy(cifar[0][:12])).argmax(1).numpy() == y
     assert clean["correct"] == "".join("1" if c else "0" for c in ref) and clean["acc"] > 50
-    for name in ATTACKS:
+    for name in DEFAULT:
         r = rows[name]
         assert r["attack_s"] > 0 and r["linf"] <= 8 / 255 + 1e-5 and r["chunks_resumed"] == 0
         assert len(r["correct"]) == r["n"] == (6 if name in ADAPTIVE else 12)
@@ -94,12 +94,12 @@ def test_eval_end_to_end_every_attack_resumable(art20, victim20, cifar, tmp_path
     w = rows[WORST]
     assert w["n"] == 6
     for i in range(6):
-        assert (w["correct_purified"][i] == "1") == all(rows[a]["correct_purified"][i] == "1" for a in ATTACKS)
+        assert (w["correct_purified"][i] == "1") == all(rows[a]["correct_purified"][i] == "1" for a in DEFAULT)
 
     # The same command again reads every chunk back (nothing recomputed) and reports the same figures.
     assert _eval(art20, out) == 0
     again = {r["attack"]: r for r in json.loads((out / "eval.json").read_text())["attacks"]}
-    for name in ATTACKS:
+    for name in DEFAULT:
         assert again[name]["chunks_resumed"] == again[name]["chunks"] >= 1
         assert again[name]["correct_purified"] == rows[name]["correct_purified"]
     # A half-finished run (one chunk file lost) recomputes that chunk alone, seeded as before: same images.

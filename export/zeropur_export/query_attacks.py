@@ -87,6 +87,8 @@ def hopskipjump(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y:
 
         def labels(v: np.ndarray, i: int = i, used: list[int] = used) -> np.ndarray:
             take = min(len(v), queries - used[0])
+            if take <= 0:
+                raise _Stop
             pred = logits_of(v[:take]).argmax(1)
             if bar is not None:
                 bar.update(take)
