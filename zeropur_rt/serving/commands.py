@@ -58,6 +58,8 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="zeropur", help="served model name (zeropur: purify then classify; "
                    "zeropur_classify: the bare classifier, if the repository has it)")
     p.add_argument("--batch", type=int, default=8, help="images per request")
+    p.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="wait up to this long for the model to be ready (a server that is still starting)")
     p.add_argument("--resize", choices=["crop", "refuse"], default="refuse",
                    help="images of another size: refuse them (default), or scale to cover + centre crop")
 
@@ -74,10 +76,16 @@ def run_query(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be positive, got {args.batch}")
     url = args.url.removeprefix("http://").rstrip("/")
     client = httpclient.InferenceServerClient(url)
-    try:
-        meta = client.get_model_metadata(args.model)
-    except Exception as e:  # noqa: BLE001 - tritonclient raises its own exception type, or socket errors
-        raise OSError(f"cannot reach model {args.model!r} at {args.url}: {e}") from None
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            meta = client.get_model_metadata(args.model)
+            break
+        except Exception as e:  # noqa: BLE001 - tritonclient raises its own exception type, or socket errors
+            if time.monotonic() >= deadline:
+                raise OSError(f"cannot reach model {args.model!r} at {args.url}: {e}"
+                              + ("" if args.wait else " (--wait SECONDS waits for a server that is starting)")) from None
+            time.sleep(1)
     dims = next(i["shape"] for i in meta["inputs"] if i["name"] == "IMAGE")
     x, y, names = read_images(args.input, [int(d) for d in dims[1:]], args.resize)
     labels = []
