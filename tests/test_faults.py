@@ -122,7 +122,11 @@ def test_a_complete_temp_dir_does_not_load(tiny, tmp_path):
 def test_sigkill_during_export_leaves_nothing_that_loads(tmp_path):
     """Kill points at random stages of an export (start-up, after each graph file, after the manifest, after the
     rename), each with a random jitter; CI runs one, ZEROPUR_KILL_TRIALS more."""
-    rng = random.Random(int(os.environ.get("ZEROPUR_KILL_SEED", "0")))
+    # a fresh point per run (a fixed seed hit the same one every time), printed so that a failure replays with
+    # ZEROPUR_KILL_SEED=<seed>
+    seed = int(os.environ.get("ZEROPUR_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    print(f"\nkill trials: ZEROPUR_KILL_SEED={seed}")
+    rng = random.Random(seed)
     for i in range(KILL_TRIALS):
         stage = STAGES[i % len(STAGES)] if KILL_TRIALS >= len(STAGES) else rng.choice(STAGES[1:-1])
         trial = kill_trial(tmp_path / str(i), stage, rng.uniform(0, 3.0) if stage == "startup" else rng.uniform(0, 0.05))

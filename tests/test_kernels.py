@@ -9,6 +9,7 @@ import ctypes
 import logging
 import shutil
 import subprocess
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ def test_batch_l1_is_sequential_sum():
 @pytest.mark.parametrize("scope", ["sample", "batch"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gs_update_host_equals_twin(host, shape, scope):
-    rng = np.random.default_rng(hash((shape, scope)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, scope)).encode()))  # hash() of a str changes per process
     for rep in range(3):
         zero = (0,) if rep == 1 else ()
         x, g, m, x_in = make_case(rng, shape, zero_grad_samples=zero, tie_frac=0.2 if rep == 2 else 0)

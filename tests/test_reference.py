@@ -35,7 +35,10 @@ def test_lean_and_recompute_ap_agree_end_to_end(victim20, lean_vs_recompute):
 
 
 def test_lean_and_recompute_gradients_teacher_forced(victim20, x64):
-    """From the same iterate, lean and re-computing AP gradients differ by float32 noise only."""
+    """From the same iterate, lean and re-computing AP gradients differ by float32 noise only: the re-computing
+    one (the released code's formulation) passes the graph-parity rule against the float64 truth, its float32
+    spread measured by the lean one in torch's two float32 orders on the same inputs."""
+    from zeropur_export.parity import format_table, in_second_float32_order, parity_row
     x_in = x64[:8]
     _, trace = ReferencePurifier(victim20, CFG).purify(x_in, iterates=True)
     coarse = torch.from_numpy(trace.coarse)
@@ -48,11 +51,12 @@ def test_lean_and_recompute_gradients_teacher_forced(victim20, x64):
         g_lean = lean.ap_grad(fine, c32)
         g_rec = input_grad(lambda f: ap_loss_recompute(victim20, f, x_in, coarse, CFG), fine)[0]
         g_true = truth.ap_grad(fine.double(), c64)
+        g_alt = in_second_float32_order(lambda: lean.ap_grad(fine, c32))
         assert torch.isfinite(g_lean).all()
-        e_lean, e_rec = rel_err(g_lean, g_true), rel_err(g_rec, g_true)
-        d = rel_err(g_lean, g_rec.double()) * np.linalg.norm(g_rec.double()) / np.linalg.norm(g_true)
-        print(f"AP step {t}: lean err {e_lean:.2e}, recompute err {e_rec:.2e}, lean-vs-recompute {d:.2e}")
-        assert d <= 2 * max(e_lean, e_rec) + 1e-12
+        refs = [g_lean.numpy()] + ([] if g_alt is None else [g_alt.numpy()])
+        row = parity_row("resnet20", "ap_grad", "grad", f"step {t}", g_rec.numpy(), refs, g_true.numpy())
+        print(f"AP step {t}: lean err {rel_err(g_lean, g_true):.2e}, recompute err {rel_err(g_rec, g_true):.2e}")
+        assert row.ok, format_table([row])
 
 
 def test_ap_gradient_is_finite_at_zero_lpips_distance(victim20, x64):

@@ -35,7 +35,6 @@ def test_free_running_agrees_with_reference_at_least_as_well_as_float32_allows(p
     r = free_running(pur, victim20, x, y, batch=32, reference=ref)
     print("\n" + format_agreement("runtime vs reference, 64 images", r))
     assert r["same_prediction"] >= 63 / 64
-    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN: no second convolution order to measure the float32 floor with")
     floor = float32_floor(victim20, pur.cfg, x, y, batch=32, reference=ref)
@@ -44,6 +43,7 @@ def test_free_running_agrees_with_reference_at_least_as_well_as_float32_allows(p
         pytest.skip("oneDNN off changed no convolution's rounding on this machine: the floor is not measurable")
     assert r["same_prediction"] >= floor["same_prediction"]
     assert r["same_pixels"] >= floor["same_pixels"]
+    # (the purified accuracies part by at most the differing predictions, bounded by the floor's just above)
 
 
 def test_numpy_and_host_kernels_give_identical_bytes(art20, cifar):

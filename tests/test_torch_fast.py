@@ -123,10 +123,13 @@ def test_gpu_speed_report_runs_on_the_cpu(art20, tmp_path, cifar):  # cifar: ski
     assert all(row[v]["ms_per_call"] > 0 and row[v]["gflops"] > 0 for v in ("released", "autograd", "fast-fp32"))
     assert row["fast-fp32"]["kernels_per_step"] < row["autograd"]["kernels_per_step"]
     agree = report["agreement"]["resnet20"]
-    assert agree["n"] == 3 and 0 <= agree["fast-fp32"]["same_prediction"] <= 100
+    # float32 loops part on an image near a decision boundary at most: the fast loop agrees with the reference
+    # on every image but one at worst, and no worse than the reference agrees with itself in its second order
+    assert agree["n"] == 3 and agree["fast-fp32"]["same_prediction"] >= 100 * 2 / 3 - 1e-9
     if torch.backends.mkldnn.is_available():  # the float32 floor: the reference with oneDNN off, on the same images
         assert agree["float32-floor"]["tested"] == "reference with oneDNN off"
-        assert 0 <= agree["float32-floor"]["same_prediction"] <= 100
+        assert agree["float32-floor"]["same_prediction"] >= 100 * 2 / 3 - 1e-9
+        assert agree["fast-fp32"]["same_prediction"] >= agree["float32-floor"]["same_prediction"] - 100 / 3 - 1e-9
         assert "reference with oneDNN off" in (tmp_path / "gpu_speed.md").read_text()
     assert rc == (0 if agree["ok"] else 1)
     assert "| fast-fp32 |" in (tmp_path / "gpu_speed.md").read_text()

@@ -5,6 +5,8 @@ both kernel images: the prebuilt fatbin (when installed) and NVRTC's.
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -128,7 +130,7 @@ def _case(rng, shape, tie=False):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_gs_update_gpu_equals_host(gpu, host, shape, scope):
     k, dev = gpu
-    rng = np.random.default_rng(abs(hash((shape, scope))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((shape, scope)).encode()))  # hash() of a str changes per process
     for tie in (False, True):
         x, g, m, x_in = _case(rng, shape, tie)
         eps, step = F32(2 / 255), F32(2 / 255)
