@@ -122,3 +122,30 @@ def test_oracle_imports_nothing_of_the_project():
            "print(sorted(m for m in sys.modules if m.startswith('zeropur')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_gs_step_rules(v64, clean_and_pgd):
+    """The presets and shipped recipes keep the older code's GS step (1/255, "fixed"); the newest code's rule
+    (eps / gs_steps) follows eps and the step count, and the reference runs it as the oracle does."""
+    import json
+
+    from zeropur_export.reference import ReferencePurifier
+    from zeropur_rt.config import GS_STEP_RULES, ZeroPurConfig
+    from zeropur_rt.errors import ConfigError
+    for name in ("cifar10", "cifar100", "imagenet"):
+        assert preset(name).gs_step_rule == "fixed" and preset(name).gs_step == 1 / 255
+    recipes = sorted((Path(__file__).resolve().parents[1] / "export/zeropur_export/recipes").glob("*.json"))
+    assert recipes and all(json.loads(p.read_text())["gs_step_rule"] in GS_STEP_RULES for p in recipes)
+    fixed = preset("cifar10").replace(eps=8 / 255, gs_steps=4)
+    assert fixed.gs_step == 1 / 255
+    new = preset("cifar10", gs_step_rule="eps_over_steps", eps=8 / 255)
+    assert new.gs_step == (8 / 255) / 10 and new.replace(gs_steps=4).gs_step == (8 / 255) / 4
+    assert new.replace(eps=6 / 255).gs_step == (6 / 255) / 10 and new.replace(gs_step_rule="fixed").gs_step == 1 / 255
+    with pytest.raises(ConfigError, match="not eps / gs_steps"):
+        ZeroPurConfig(eps=8 / 255, gs_step_rule="eps_over_steps")
+    with pytest.raises(ConfigError, match="gs_step_rule must be one of"):
+        ZeroPurConfig(gs_step_rule="newest")
+    change = dict(eps=8 / 255, gs_steps=4, ap_steps=2)
+    cfg = preset("cifar10", gs_step_rule="eps_over_steps").replace(**change)
+    assert_same_run(ReferencePurifier(v64, cfg), v64, clean_and_pgd[:4], cfg,
+                    oracle.Recipe(gs_step_rule="eps_over_steps", **change))

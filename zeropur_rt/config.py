@@ -14,6 +14,10 @@ from typing import Any, Iterable, Literal
 from zeropur_rt.errors import ConfigError
 
 L1Scope = Literal["sample", "batch"]
+# How the GS step relates to eps. "fixed": gs_step is a constant of the recipe (1/255 in the presets: the older
+# released code). "eps_over_steps": gs_step = eps / gs_steps, so that GS may travel eps (the newest released code).
+# The two coincide only at eps 10/255 with 10 steps, the CIFAR preset.
+GS_STEP_RULES = ("fixed", "eps_over_steps")
 
 # Fields baked into the exported ap_grad graph: changing them needs a re-export.
 BAKED_FIELDS = ("ila_weight", "lpips_weight", "ila_normalized", "ila_norm_eps")
@@ -43,6 +47,7 @@ class ZeroPurConfig:
     # ||h(coarse) - h(x_in)|| + ila_norm_eps, which makes ila_weight portable across victims.
     ila_normalized: bool = False
     ila_norm_eps: float = 1e-8
+    gs_step_rule: str = "fixed"  # see GS_STEP_RULES
     # Randomised purification (off in every preset): GS and AP each start from a uniform draw inside the
     # eps ball around the input, and each GS step blurs with sigma drawn from blur_sigma * U(1 - j, 1 + j).
     # The draws come from the Purifier's seeded generator, fresh per call; evaluate them under EOT.
@@ -84,6 +89,12 @@ class ZeroPurConfig:
         for name in ("ila_normalized", "random_start"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.gs_step_rule, str) or self.gs_step_rule not in GS_STEP_RULES:
+            raise ConfigError(f"config.gs_step_rule must be one of {', '.join(GS_STEP_RULES)}, got {self.gs_step_rule!r}")
+        if self.gs_step_rule == "eps_over_steps" and self.gs_steps > 0 and \
+                not math.isclose(self.gs_step, self.eps / self.gs_steps, rel_tol=1e-9):
+            raise ConfigError(f"config.gs_step {self.gs_step!r} is not eps / gs_steps ({self.eps / self.gs_steps!r}), "
+                              "which gs_step_rule 'eps_over_steps' sets: leave gs_step out, or use gs_step_rule 'fixed'")
         if not isinstance(self.preset, str):
             raise ConfigError(f"config.preset must be a name, got {self.preset!r}")
 
@@ -98,6 +109,11 @@ class ZeroPurConfig:
         if "ap_step" not in overrides and ("eps" in overrides or "ap_steps" in overrides):
             overrides = {**overrides, "ap_step": ap_step_for(self, overrides.get("eps", self.eps),
                                                               overrides.get("ap_steps", self.ap_steps))}
+        rule = overrides.get("gs_step_rule", self.gs_step_rule)
+        if "gs_step" not in overrides and (rule != self.gs_step_rule or (
+                rule == "eps_over_steps" and ("eps" in overrides or "gs_steps" in overrides))):
+            overrides = {**overrides, "gs_step": gs_step_for(rule, overrides.get("eps", self.eps),
+                                                              overrides.get("gs_steps", self.gs_steps))}
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +148,13 @@ def ap_step_for(cfg: ZeroPurConfig, eps: float, ap_steps: int) -> float:
         return cfg.ap_step * eps / cfg.eps
     travel = cfg.ap_steps * cfg.ap_step / cfg.eps if cfg.ap_steps > 0 else 1.0
     return travel * eps / ap_steps
+
+
+def gs_step_for(rule: str, eps: float, gs_steps: int) -> float:
+    """The GS step under ``rule`` (GS_STEP_RULES): 1/255, or eps / gs_steps."""
+    if rule == "eps_over_steps" and gs_steps > 0:
+        return eps / gs_steps
+    return 1 / 255
 
 
 def parse_value(field_name: str, raw: str) -> Any:
@@ -215,14 +238,16 @@ def preset_for_shape(input_shape: Iterable[int], name: str | None = None, **over
 def preset(name: str, **overrides: Any) -> ZeroPurConfig:
     """The released code's presets; every field can be overridden.
 
-    ``ap_step`` is eps / ap_steps unless given explicitly.
+    ``ap_step`` is eps / ap_steps unless given explicitly. Every preset keeps the older released code's GS step,
+    1/255 (``gs_step_rule="fixed"``); ``gs_step_rule="eps_over_steps"`` gives the newest code's, eps / gs_steps.
     """
     if name in ("cifar10", "cifar100"):
-        base: dict[str, Any] = dict(eps=10 / 255, gs_steps=10, gs_step=1 / 255, ap_steps=50)
+        base: dict[str, Any] = dict(eps=10 / 255, gs_steps=10, ap_steps=50, gs_step_rule="fixed")
     elif name == "imagenet":
-        base = dict(eps=6 / 255, gs_steps=10, gs_step=1 / 255, ap_steps=50)
+        base = dict(eps=6 / 255, gs_steps=10, ap_steps=50, gs_step_rule="fixed")
     else:
         raise ValueError(f"unknown preset {name!r}; valid presets: cifar10, cifar100, imagenet")
     base.update(overrides)
     base.setdefault("ap_step", base["eps"] / (base["ap_steps"] or 50))
+    base.setdefault("gs_step", gs_step_for(base["gs_step_rule"], base["eps"], base["gs_steps"]))
     return ZeroPurConfig(preset=name, **base)

@@ -324,7 +324,7 @@ def check_npz(ctx: Context, case: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------- calibrated-config JSON
 CONFIG_FIELDS = ("eps", "gs_steps", "gs_step", "momentum", "l1_scope", "blur_sigma", "ap_steps", "ap_step",
-                 "ila_weight", "lpips_weight", "ila_normalized", "ila_norm_eps", "preset")
+                 "ila_weight", "lpips_weight", "ila_normalized", "ila_norm_eps", "gs_step_rule", "preset")
 config_numbers = (st.floats(allow_nan=True, allow_infinity=True) | st.integers() | st.booleans()
                   | st.sampled_from([10**400, 2**64, -1, 0, 1e-320, 0.5, 8 / 255, "8/255", "sample", "batch", None]))
 
