@@ -109,7 +109,7 @@ def test_fetch_converts_the_official_archive_and_names_it(mirror):
 
 
 def test_weights_come_from_the_mirror_and_are_found_afterwards(mirror):
-    with pytest.raises(MissingFileError, match=r"zeropur-export fetch --models resnet20") as e:
+    with pytest.raises(MissingFileError, match=r"zeropur-export fetch --model resnet20") as e:
         sources.weights_file("resnet20")
     assert "no_shared/models/resnet20-12fca82f.th" in str(e.value) and "cache/weights" in str(e.value)
     p = sources.weights_file("resnet20", download=True)

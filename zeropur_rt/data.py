@@ -46,8 +46,11 @@ def load_cifar_pickle_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.nda
     The file is a pickle of a dict with ``b'data'`` (N, 3072) uint8 rows (1024 R, 1024 G, 1024 B)
     and ``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100).
     """
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
+    with open(path, "rb") as f:  # plain containers and numpy arrays only: a batch file runs no pickled code
+        try:
+            d = sources.ArrayUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} is not a CIFAR python batch ({e})") from None
     if not isinstance(d, dict) or b"data" not in d:
         raise ValueError(f"{path} is not a CIFAR python batch (no b'data' key)")
     labels = d.get(b"labels", d.get(b"fine_labels"))

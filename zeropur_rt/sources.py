@@ -127,7 +127,7 @@ def weights_file(model: str, weights_dir: str | os.PathLike | None = None, downl
     if download if download is not None else download_allowed():
         return download_source(src, cache_dir() / "weights" / src.file)
     raise _missing(f"weights {src.file} of {model}", [d / src.file for d in looked],
-                   f"run `zeropur-export fetch --models {model}` once (or add --download to this command)")
+                   f"run `zeropur-export fetch --model {model}` once (or add --download to this command)")
 
 
 def cifar10_test_file(path: str | os.PathLike | None = None, download: bool | None = None) -> Path:
@@ -161,7 +161,7 @@ def fetch_cifar10_test() -> Path:
     return dest
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: the CIFAR batch format, nothing executable."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: bytes in pickle protocol 2
@@ -186,7 +186,7 @@ def read_cifar10_archive(archive: str | os.PathLike) -> tuple[np.ndarray, np.nda
             f = tar.extractfile(member)
             if f is None:
                 raise KeyError(member)
-            d = _ArrayUnpickler(f, encoding="bytes").load()
+            d = ArrayUnpickler(f, encoding="bytes").load()
     except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError, EOFError) as e:
         raise DownloadError(f"{archive} is not the CIFAR-10 python archive (no readable {member}: {e})") from None
     data = np.asarray(d[b"data"], dtype=np.uint8)
@@ -205,7 +205,7 @@ def download_source(src: Source, dest: Path, timeout: float = 60.0) -> Path:
     sha, md5, n = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp, \
-                progress(None, f"fetch {src.file}", total=src.size) as bar:
+                progress(None, f"fetch {src.file}", total=src.size, unit="B") as bar:
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 sha.update(chunk)
                 md5.update(chunk)

@@ -99,8 +99,16 @@ def run_latency(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, 
         base = next((q for q in rows if q["backend"] == "released" and q["batch"] == r["batch"]), None)
         r["speedup_vs_released"] = base["p50_s"] / r["p50_s"] if base else None
     return dict(kind="latency", model=args.model, config=cfg.to_dict(), threads=args.threads,
-                workers=runtime_workers, machine=machine_info(),
+                workers=runtime_workers, machine=machine_info(), data=data_name(args),
                 cost_model=cost, rows=rows)
+
+
+def data_name(args: argparse.Namespace) -> str:
+    """Which images a run read, for its report: the CIFAR-10 copy (named, hashed), the user's data, or noise."""
+    if getattr(args, "own", None) is not None:
+        return f"{args.data} (your data)" if args.data else "seeded uniform noise of the victim's input shape"
+    from zeropur_rt import sources
+    return sources.describe_data(sources.cifar10_test_file(args.data))
 
 
 def bench_images(args: argparse.Namespace, victim: "Victim", n: int, labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -210,7 +218,7 @@ def run_sweep(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, ov
         log(f"GS {gs:2d} AP {apn:2d}: {t / len(x):.4f} s/image, purified PGD {rows[-1]['purified_pgd_acc']:.1f}%, "
             f"purified clean {rows[-1]['purified_clean_acc']:.1f}%")
     return dict(kind="sweep", model=args.model, n=len(x), threads=args.threads, base_config=cfg.to_dict(),
-                machine=machine_info(), rows=rows)
+                machine=machine_info(), data=data_name(args), rows=rows)
 
 
 def sweep_markdown(res: dict[str, Any]) -> str:
@@ -245,19 +253,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="zoo architecture (default resnet20); or --victim")
     ap.add_argument("--artifacts", default=None, help="artifact dir, used with the config it was exported with "
                     "(default artifacts/<model>-paper: the paper recipe, exported if missing)")
-    ap.add_argument("--backends", nargs="+", default=["released", "lean", "onnxruntime"])
-    ap.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backends", nargs="+", default=["released", "lean", "onnxruntime"],
+                    help="what to time: released (the authors' loop in torch), lean (the reference), onnxruntime, ...")
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 32], help="batch sizes to time (default 1 32)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per row (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--workers", nargs="+", type=int, default=None, help="the runtime's one-thread sessions a batch "
                     "is split across, a row each (default --threads; 1: one --threads-thread session)")
     ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                     help="loop overrides for every row, e.g. gs_steps=2 eps=8/255 (not the baked loss weights)")
     ap.add_argument("--sweep", action="store_true", help="run the GS/AP steps sweep instead of the latency table")
-    ap.add_argument("--sweep-n", type=int, default=200)
-    ap.add_argument("--sweep-gs", nargs="+", type=int, default=[0, 5, 10])
-    ap.add_argument("--sweep-ap", nargs="+", type=int, default=[0, 10, 25, 50])
+    ap.add_argument("--sweep-n", type=int, default=200, help="images of the steps sweep (default 200)")
+    ap.add_argument("--sweep-gs", nargs="+", type=int, default=[0, 5, 10], help="GS step counts swept")
+    ap.add_argument("--sweep-ap", nargs="+", type=int, default=[0, 10, 25, 50], help="AP step counts swept")
     ap.add_argument("--data", default=None, help="images: the CIFAR-10 copy for --model; any form for --victim "
                     "(latency without --data times seeded noise of the victim's shape)")
     ap.add_argument("--resize", choices=["crop", "refuse"], default="crop",
@@ -287,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         art = victim_artifacts(args.own, args.artifacts)
     else:
         args.model = args.model or "resnet20"
+        data_name(args)  # the CIFAR-10 copy found (or the error naming the fix) before any export
         art = ensure_artifacts(args.model, args.artifacts) if args.artifacts else recipe_artifacts(args.model, "paper")[1]
     manifest = load_manifest(art)
     cfg = apply_overrides(manifest.zeropur_config, overrides, baked=True)
@@ -302,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res = run_latency(args, victim, cfg, overrides, art, print)
         md, plot = latency_markdown(res), latency_plot
+    md += f"\n\nData: {res['data']}."
     print("\n" + md)
     out.mkdir(parents=True, exist_ok=True)
     plot(res, out / f"{res['kind']}.png")

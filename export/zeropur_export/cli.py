@@ -55,9 +55,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="calibrated config JSON (overrides the preset), e.g. a shipped recipe")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. eps=8/255 ila_normalized=true")
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--min-batch", type=int, default=1, help="smallest batch the graphs accept (default 1)")
+    p.add_argument("--opt-batch", type=int, default=32, help="the batch TensorRT engines are tuned for (default 32)")
+    p.add_argument("--max-batch", type=int, default=256, help="largest batch the graphs accept (default 256)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--verbose", action="store_true", help="log each graph as it is traced and checked")
@@ -147,7 +147,8 @@ def run_export_victim(args: argparse.Namespace) -> Path:
 
 def add_fetch_args(p: argparse.ArgumentParser) -> None:
     names = sorted(sources.table())
-    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+    p.add_argument("--models", dest="models", nargs="+", help=argparse.SUPPRESS)  # the plural spelling, also taken
+    p.add_argument("--model", dest="models", nargs="+", default=None, metavar="MODEL",
                    help=f"weights to fetch (default: all of {', '.join(n for n in names if n != 'cifar10')})")
     p.add_argument("--data-only", action="store_true", help="fetch only the CIFAR-10 test set")
     p.add_argument("--weights-only", action="store_true", help="fetch only the weights")

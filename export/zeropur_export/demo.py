@@ -102,19 +102,20 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     ap.add_argument("--model", nargs="+", default=["resnet20"], help="zoo models with pretrained weights")
     ap.add_argument("--n", type=int, default=64, help="test images (rows 0..n-1)")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32, help="images per attack and purification call (default 32)")
     ap.add_argument("--recipe", default=None, help="paper, calibrated or a config JSON (default: calibrated where "
                     "one ships for the model, else paper)")
-    ap.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    ap.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="what purifies: a runtime backend "
+                    "over the exported graphs, or the torch reference on the victim itself (default onnxruntime)")
     ap.add_argument("--device", default=None, help="purifier device (default: the backend's own)")
     ap.add_argument("--ap-mode", default="lean", choices=["lean", "recompute"],
                     help="with --backend reference: recompute runs the released code's AP")
     ap.add_argument("--artifacts", default=None, help="artifact directory of the one --model (default "
                     "artifacts/<model>-<recipe>; exported if missing, refused if exported with another config)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--data", default=None, help="cifar10_test.npz (default: $ZEROPUR_DATA, <shared>/data, the user cache)")
     add_download_arg(ap)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="PGD random-start seed (default 0)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if args.n <= 0 or args.batch <= 0:

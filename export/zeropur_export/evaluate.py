@@ -71,13 +71,15 @@ def parse_rows(s: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="zeropur-export eval", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=None, help="zoo architectures (default resnet20); or --victim")
+    ap.add_argument("--model", dest="models", nargs="+", default=None,
+                    help="zoo architectures (default resnet20); or --victim")
+    ap.add_argument("--models", dest="models", nargs="+", help=argparse.SUPPRESS)  # the old spelling, still taken
     ap.add_argument("--n", type=int, default=100, help="images: test rows 0..N-1 (default 100)")
     ap.add_argument("--rows", default=None, help="START:STOP test rows (default 0:N); overrides --n")
     ap.add_argument("--attacks", nargs="+", default=list(DEFAULT), help=f"any of {', '.join(ATTACKS)} (default: all "
                     f"but the query attacks {', '.join(QUERY)})")
     ap.add_argument("--eps", type=float, default=8.0, help="L-inf budget in 1/255 units (default 8)")
-    ap.add_argument("--pgd-steps", type=int, default=20)
+    ap.add_argument("--pgd-steps", type=int, default=20, help="steps of pgd and pgd-first (default 20)")
     ap.add_argument("--apgd-iter", type=int, default=100, help="APGD iterations (AutoAttack: 100)")
     ap.add_argument("--apgd-targets", type=int, default=9, help="APGD-T target classes (AutoAttack: 9)")
     ap.add_argument("--transfer-from", default=None, help="zoo model the transfer attack is crafted on "
@@ -103,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--set random_start=true ...); 1 is exact for a deterministic one")
     ap.add_argument("--fresh", action="store_true", help="discard this --out's finished chunks instead of resuming")
     ap.add_argument("--batch", type=int, default=32, help="images per attack / purifier call (<= artifact max batch)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="attack seed (default 0)")
     ap.add_argument("--backend", default="onnxruntime", help=f"purifier backend: {', '.join(BACKENDS)}")
     ap.add_argument("--device", default=None, help="purifier device (default: the backend's own)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     ap.add_argument("--recipe", default=None, help="zoo models: paper, calibrated or a config JSON (default: the shipped "
                     "calibrated recipe where there is one), exported once into artifacts/<model>-<recipe>")
     ap.add_argument("--artifacts", default=None, help="artifact dir, used with the config it was exported with; may "
@@ -335,10 +337,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from zeropur_export.bench import machine_info
+    from zeropur_export.onnx_export import UNVERIFIED_WEIGHTS
+    from zeropur_rt import sources
     from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_rt.manifest import load_manifest
     torch.set_num_threads(args.threads)
     log = print
-    # Every model's artifact, batch and overrides checked before any attack runs.
+    # The data first (seconds), then every model's artifact, batch and overrides, before any attack runs.
+    own_data = args.own is not None and args.data
+    data_file = None if own_data else sources.cifar10_test_file(args.data)
+    data_name = f"{args.data} (your data)" if own_data else sources.describe_data(data_file)
     evals = [Evaluator(m, args, log) for m in args.models]
     if args.own is not None and args.data:
         from zeropur_export.build import victim_data
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(calibrate uses the second half)")
         x, ys = ds.x[args.rows[0]:args.rows[1]], ds.y[args.rows[0]:args.rows[1]]
     else:
-        xs, ys = load_cifar10_test(args.data, *args.rows)
+        xs, ys = load_cifar10_test(data_file, *args.rows)
         x = to_nchw_float(xs)
     machine = machine_info()
     for ev in evals:
@@ -358,9 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         out = _dir_for(args.out or "runs/eval_{model}", ev.model, len(args.models))
         t0 = time.perf_counter()
         res = ev.run(x, ys, out)
+        weights = load_manifest(ev.art_dir).weights_sha256
         res.update(wall_s=time.perf_counter() - t0, machine=machine, art_version=__import__("art").__version__,
-                   argv=sys.argv[1:] if argv is None else list(argv))
-        md = markdown(res)
+                   argv=sys.argv[1:] if argv is None else list(argv), data=data_name,
+                   weights_sha256=weights)
+        md = markdown(res) + (f"\n\nData: {data_name}. Weights: "
+                              + (f"sha256 {weights[:12]}." if weights else f"{UNVERIFIED_WEIGHTS}."))
         atomic_write_text(out / "eval.md", md + "\n")
         atomic_write_json(out / "eval.json", res)
         print("\n" + md + f"\n\nwrote {out}/eval.json, eval.md ({res['wall_s']:.0f} s)\n")

@@ -69,7 +69,7 @@ def add_victim_args(p: argparse.ArgumentParser, *, weights: bool = True, require
     g.add_argument("--mean", default=None, metavar="R,G,B", help="normalisation mean of the input contract")
     g.add_argument("--std", default=None, metavar="R,G,B", help="normalisation std of the input contract")
     g.add_argument("--input-shape", default=None, metavar="C,H,W", help="input shape, e.g. 3,32,32")
-    g.add_argument("--num-classes", type=int, default=None, metavar="K")
+    g.add_argument("--num-classes", type=int, default=None, metavar="K", help="classes the classifier outputs")
     g.add_argument("--taps", choices=["auto"], default=None,
                    help="auto: the taps suggest-taps finds (the default for a bare nn.Module without hand taps)")
     g.add_argument("--embedding", default=None, metavar="NAME[:in]", help="embedding tap by hand, e.g. fc:in")

@@ -58,12 +58,12 @@ def _common_flags(ap: argparse.ArgumentParser, device_help: str) -> None:
     add_victim_args(ap, weights=False)
     ap.add_argument("--resize", choices=["crop", "refuse"], default="crop",
                     help="--data images of another size: scale to cover + centre crop (default), or refuse")
-    ap.add_argument("--batch", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=100, help="images per purification call (default 100)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu", help=device_help)
     ap.add_argument("--seed", type=int, default=0, help="PGD random-start seed")
     ap.add_argument("--attack-steps", type=int, default=ATTACK["steps"], help=argparse.SUPPRESS)
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _calib_parser() -> argparse.ArgumentParser:
@@ -245,7 +245,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"{PROG} eval",
                                  description="Evaluate ZeroPur configs (clean / PGD-20, without / with purification) on the evaluation slice.")
     ap.add_argument("--model", default=None, help="zoo architecture; or --victim")
-    ap.add_argument("--weights", default=None)
+    ap.add_argument("--weights", default=None, help="weights file of --model (default: its published weights)")
     ap.add_argument("--data", default=None, help="labelled images (.npz, class-folder tree, path,label CSV)")
     ap.add_argument("--config", action="append", required=True,
                     help="'paper' (the preset) or a ZeroPurConfig JSON file (e.g. calibrated_config.json); repeatable")
