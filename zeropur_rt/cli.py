@@ -94,7 +94,7 @@ def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
                 p = pur.classify(x[sl])
             preds.append(p)
         secs = time.perf_counter() - t0
-        where = f"{args.backend} on {pur.runner.device} ({pur.workers} workers), {pur.kernels.name} kernels"
+        where = f"{args.backend} on {pur.runner.device} ({pur.workers} worker{'s' if pur.workers != 1 else ''}), {pur.kernels.name} kernels"
     pred = np.concatenate(preds)
     print(f"{len(x)} images, {secs:.2f} s ({secs / len(x):.4f} s/image), {where}")
     if y is not None:
