@@ -9,7 +9,8 @@ implementation's luck fails on another machine ("2x torch" failed on an AMD EPYC
 gs_grad); the spread of two implementations moves with the machine. An exported graph passes when
 its ONNX Runtime float32 error is at most 2x that spread plus a float32 floor (``ABS_FLOOR``, a few
 ulps; for gs_grad's gradient the conditioning floor of the cosine, see ``conditioning_floor``) and
-below ``MAX_ERR``; isolated ReLU-mask flips are counted apart (see ``ParityRow.ok``).
+below ``MAX_ERR``; ReLU-mask flips are counted apart, no more of them and none worse than torch's second float32
+order takes on the same inputs (see ``ParityRow.ok``).
 Used by tests/test_export.py and benchmarks/export_parity.py.
 """
 from __future__ import annotations
@@ -34,6 +35,11 @@ MAX_ERR = 1e-3
 # float32 ReLU / max-pool decision the other way (a jump of 1e-4..1e-2 over a median of ~1e-6);
 # drift from summation order stays within a few times the median.
 FLIP_RATIO = 20.0
+# Where torch's second float32 order flipped no sample of a row, the one outlier the rule allows has no flip of
+# torch's to be measured against; it must still be nearer the truth than half the truth's norm. Wrong samples are
+# not: a zeroed one is at 1, a negated one at 2, garbage at ~1 or more; float32 flips seen here reach 2.5e-2
+# (random VGG-19-BN, a max-pool tie).
+NO_FLIP_CEILING = 0.5
 
 
 @dataclass
@@ -50,56 +56,66 @@ class ParityRow:
     floor: float = ABS_FLOOR  # the float32 floor of this output's relative error (see conditioning_floor)
     median_ok: bool = True  # the rule holds for the per-sample median errors
     calls: int = 1
-    torch_flips: int = 0  # samples where torch float32 itself flipped (error > FLIP_RATIO x its median)
+    torch_flips: int = 0  # samples where torch's second float32 order flipped (error > FLIP_RATIO x its median)
+    worst_outlier: float = 0.0  # the largest error among the ORT outliers
+    flip_bound: float = 0.0  # an outlier's largest error: 2x torch's second order's worst flip (NO_FLIP_CEILING without)
+    finite: bool = True  # every value of the ORT output is finite
 
     @property
     def strict_ok(self) -> bool:
         """The rule on the whole batch."""
-        return bool(np.isfinite(self.ort_err) and self.ort_err <= 2 * self.torch_err + self.floor
+        return bool(self.finite and np.isfinite(self.ort_err) and self.ort_err <= 2 * self.torch_err + self.floor
                     and self.ort_err <= MAX_ERR)
 
     @property
     def ok(self) -> bool:
-        """The rule on the whole batch, or on every sample but isolated ReLU-mask flips.
+        """The rule on the whole batch, or on every sample but as many ReLU-mask flips as float32 itself takes.
 
-        A float32 pre-activation within rounding of 0 can flip a ReLU mask in one backend and
-        not the other (different conv algorithms round differently): that sample's gradient
-        jumps (~1e-3) while every other sample agrees to ~1e-7. Such a flip is float32's, not
-        the lowering's (the torch float32 reference shows the same flips on other samples): over
-        >= 8 samples (one batch, or single-image calls), up to max(2, 10%) such samples, or as many
-        as torch float32 flipped itself on the same inputs, are tolerated when the rule holds for
-        the per-sample median errors. One image alone proves nothing either way: on random-weight
-        ResNet-50 (9.8M ReLU / max-pool decisions) torch float32 itself takes 1-3 decisions the
-        other way than float64, each worth 5e-5 to 4e-4 of relative error.
+        A float32 pre-activation within rounding of 0 can flip a ReLU mask in one backend and not the other
+        (different conv algorithms round differently): that sample's gradient jumps (~1e-4..1e-2) while every
+        other sample agrees to ~1e-7. Such a flip is float32's, not the lowering's, when torch's own second
+        float32 order (``in_second_float32_order``) takes as many on the same inputs: over >= 8 samples (one
+        batch, or single-image calls), the outliers may number torch's second order's flips plus one (a flip
+        is a coin toss per decision near 0: either side may take one more), each within 2x that order's worst
+        flip (2x as every bound here: the same flip taken by both is the same size only up to float32 noise; where
+        that order flipped nothing, within ``NO_FLIP_CEILING``), when the rule holds for the per-sample median
+        errors. A sample that is wrong, not flipped (a zeroed or garbage gradient, error ~1), exceeds any
+        float32 flip and fails the row; a NaN or Inf anywhere fails it always.
         Samples that miss 2x their own torch error without a flip (say 3e-6 against 1.4e-6) are
         summation-order noise compared with noise: the median rule judges those.
         """
         if self.strict_ok:
             return True
-        return bool(self.batch >= 8 and np.isfinite(self.worst) and self.median_ok
-                    and self.outliers <= max(2, self.batch // 10, self.torch_flips))
+        return bool(self.finite and self.batch >= 8 and np.isfinite(self.worst) and self.median_ok
+                    and self.outliers <= self.torch_flips + 1 and self.worst_outlier <= self.flip_bound)
 
 
 def parity_row(model: str, graph: str, output: str, label: str, ort: np.ndarray, t32: np.ndarray | Sequence[np.ndarray],
                truth: np.ndarray, floor: float = ABS_FLOOR, calls: int = 1) -> ParityRow:
     """One output's errors against the float64 truth, whole batch and per sample. ``t32``: one float32
-    reference's result, or several (float32 implementations on the same inputs): each error is compared
-    with the largest of theirs, and flips count for the implementation that flipped most."""
+    reference's result, or several (float32 implementations on the same inputs, torch's second float32 order
+    last): each error is compared with the largest of theirs, flips are counted for the last one."""
     refs = [t32] if isinstance(t32, np.ndarray) or np.ndim(t32) == 0 else list(t32)
     b = np.shape(truth)[0] if np.ndim(truth) >= 1 else 1
-    outl, worst, med_ok, t_flips = 0, rel_err(ort, truth), True, 0
+    finite = bool(np.all(np.isfinite(np.asarray(ort, np.float64))))
+    row = ParityRow(model, graph, output, label, b, rel_err(ort, truth), max(rel_err(r, truth) for r in refs),
+                    worst=rel_err(ort, truth), floor=floor, calls=calls, finite=finite)
     if np.ndim(truth) >= 1 and b > 1:
         per_ref = np.array([[rel_err(r[i], truth[i]) for i in range(b)] for r in refs])  # (implementations, samples)
         per_o = np.array([rel_err(ort[i], truth[i]) for i in range(b)])
         per_t = per_ref.max(0)
         med_o, med_t = float(np.median(per_o)), float(np.median(per_ref, axis=1).max())
         fails = ~((per_o <= 2 * per_t + floor) & (per_o <= MAX_ERR))
-        outl = int((fails & (per_o > FLIP_RATIO * med_o)).sum())
-        t_flips = max(int((row > FLIP_RATIO * np.median(row)).sum()) for row in per_ref)
-        worst = float(per_o.max())
-        med_ok = bool(med_o <= 2 * med_t + floor and med_o <= MAX_ERR)
-    return ParityRow(model, graph, output, label, b, rel_err(ort, truth), max(rel_err(r, truth) for r in refs), outl,
-                     worst, floor, med_ok, calls, t_flips)
+        out_mask = fails & ~(per_o <= FLIP_RATIO * med_o)  # NaN counts as an outlier
+        second = per_ref[-1]
+        flipped = second > FLIP_RATIO * np.median(second)
+        row.outliers = int(out_mask.sum())
+        row.worst_outlier = float(np.max(per_o[out_mask], initial=0.0)) if np.all(np.isfinite(per_o)) else float("nan")
+        row.torch_flips = int(flipped.sum())
+        row.flip_bound = float(2 * second[flipped].max() + floor) if flipped.any() else NO_FLIP_CEILING
+        row.worst = float(per_o.max())
+        row.median_ok = bool(med_o <= 2 * med_t + floor and med_o <= MAX_ERR)
+    return row
 
 
 def convolution_library(device: str = "cpu") -> tuple[Any, str]:
@@ -179,7 +195,7 @@ def torch_outputs(victim: Victim, cfg: ZeroPurConfig, name: str, inputs: Sequenc
             outs = (_grad(lambda v: ap_loss(victim, v, c, cfg), ins[0])[0],)
         else:
             raise KeyError(name)
-    return [o.detach().to(torch.float64).numpy() for o in outs]
+    return [o.detach().to(torch.float64).cpu().numpy() for o in outs]
 
 
 class OrtGraphs:
@@ -256,9 +272,9 @@ def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs | RunnerGra
             return [parity_row(victim.name, graph, nm, what, o[i], [r[i] for r in refs], truth[i],
                                (floors or {}).get(nm, ABS_FLOOR), b // gb) for i, nm in enumerate(outs)]
         judged = judge([t32])
-        if not all(r.ok for r in judged):
-            # the second float32 implementation only matters when the first one's error is the smaller:
-            # the bound is their maximum, so measuring it lazily changes no verdict, only the time
+        if not all(r.strict_ok for r in judged):
+            # the second float32 order is measured where the whole-batch rule misses: its flips and its worst
+            # flip bound the outliers (ParityRow.ok), and its error joins the first's in the bound
             alt = in_second_float32_order(chunked, lambda ins: torch_outputs(v32, cfg, graph, ins), ins32)
             if alt is not None:
                 judged = judge([t32, alt])
@@ -280,8 +296,9 @@ def parity(victim: Victim, cfg: ZeroPurConfig, ort_graphs: OrtGraphs | RunnerGra
         add("ap_grad", [fine, *to_t(c32, torch.float32)], [fine.double(), *to_t(c64, torch.float64)], [fine, *co])
         # at fine == x_in the LPIPS distance is 0: the gradient must stay finite (no NaN from sqrt)
         (gz,) = ort_graphs.run("ap_grad", [x, *co])
-        rows.append(ParityRow(victim.name, "ap_grad", "grad", "fine=x_in", b,
-                              0.0 if np.all(np.isfinite(gz)) else float("nan"), 0.0))
+        finite = bool(np.all(np.isfinite(gz)))
+        rows.append(ParityRow(victim.name, "ap_grad", "grad", "fine=x_in", b, 0.0 if finite else float("nan"), 0.0,
+                              finite=finite))
     return rows
 
 

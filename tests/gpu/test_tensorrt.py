@@ -105,20 +105,33 @@ def test_fp32_gradients_match_onnxruntime_and_torch(pur_trt, pur_ort, victim20, 
 
 
 def test_teacher_forced_parity_on_tensorrt(pur_trt, victim20, cifar):
-    from benchmarks.runtime_parity import teacher_forced
-    rows = teacher_forced(pur_trt, victim20, cifar[0][:16])
-    failing = [r for r in rows if not r.ok]
-    assert len(failing) <= len(rows) // 10, failing
-    assert all(np.isfinite(r.ort_err) and r.ort_err < 1e-2 for r in rows)
+    """Every call passes the CPU tests' rule (zeropur_export.parity.ParityRow.ok), its float32 spread and flips
+    measured by the references on this GPU: cuDNN's order and torch's second order (cuDNN off)."""
+    from benchmarks.runtime_parity import summary, teacher_forced
+    rows = teacher_forced(pur_trt, victim20.to_dtype(torch.float32).to("cuda"), cifar[0][:16])
+    print(f"\nTensorRT teacher-forced on 16 images: {summary(rows)}")
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+def _gpu_reference_and_floor(victim20, cfg, x, y):
+    """The float32 reference on this GPU (cuDNN) and the float32 floor: the same reference with cuDNN off (torch's
+    second order), on the same images: how far two correct float32 loops drift apart free-running here."""
+    from benchmarks.runtime_parity import float32_floor, reference_outputs
+    v = victim20.to_dtype(torch.float32).to("cuda")
+    ref = reference_outputs(v, cfg, x, batch=32)
+    return v, ref, float32_floor(v, cfg, x, y, batch=32, reference=ref)
 
 
 def test_purifier_on_tensorrt_agrees_with_torch_reference(pur_trt, victim20, cifar):
+    """The CPU tests' rule (tests/test_runtime.py): at least as close to the reference as its own float32 floor."""
     from benchmarks.runtime_parity import free_running
     x, y = cifar[0][:64], cifar[1][:64]
-    r = free_running(pur_trt, victim20, x, y, batch=32)
-    print(f"\nTensorRT free-running: same prediction {r['same_prediction']:.4f}, same pixels {r['same_pixels']:.4f}")
+    v, ref, floor = _gpu_reference_and_floor(victim20, pur_trt.cfg, x, y)
+    r = free_running(pur_trt, v, x, y, batch=32, reference=ref)
+    print(f"\nTensorRT free-running: same prediction {r['same_prediction']:.4f}, same pixels {r['same_pixels']:.4f}; "
+          f"floor {floor['same_prediction']:.4f}, {floor['same_pixels']:.4f}")
     assert r["same_prediction"] >= 63 / 64
-    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
+    assert r["same_prediction"] >= floor["same_prediction"] and r["same_pixels"] >= floor["same_pixels"]
 
 
 def test_batch_above_profile_is_refused(pur_trt):
@@ -146,13 +159,18 @@ def loops(trt_art20):
         yield graph, plain
 
 
-def test_device_loop_agrees_with_onnxruntime(loops, pur_ort, cifar):
+def test_device_loop_agrees_with_onnxruntime(loops, pur_ort, victim20, cifar):
     _, plain = loops
     x = cifar[0][:32]
     out_dev, pred_dev = plain.purify_and_classify(x)
     out_host, pred_host = pur_ort.purify_and_classify(x)
     assert np.mean(pred_dev == pred_host) >= 31 / 32
-    assert np.max(np.abs(out_dev - out_host)) <= 2 * plain.cfg.eps + 1e-6
+    # pixels: the device loop and the host loop part no more than 4x as often as float32 steps part the CPU
+    # reference from itself in its second order (each side is one float32 order away from the reference)
+    from benchmarks.runtime_parity import float32_floor, reference_outputs
+    ref = reference_outputs(victim20, plain.cfg, x, batch=32)
+    floor = float32_floor(victim20, plain.cfg, x, cifar[1][:32], batch=32, reference=ref)
+    assert 1 - np.mean(out_dev == out_host) <= 4 * (1 - floor["same_pixels"]) + 1 / out_dev.size
 
 
 def test_cuda_graph_replay_agrees_with_torch_reference(loops, victim20, cifar):
@@ -163,10 +181,11 @@ def test_cuda_graph_replay_agrees_with_torch_reference(loops, victim20, cifar):
     x, y = cifar[0][:64], cifar[1][:64]
     graph.purify(x[:32])  # first call at batch 32: eager run + capture; the ones below replay
     assert graph.graph_captured(32) and not plain.graph_captured(32)
-    r = free_running(graph, victim20, x, y, batch=32)
+    v, ref, floor = _gpu_reference_and_floor(victim20, graph.cfg, x, y)
+    r = free_running(graph, v, x, y, batch=32, reference=ref)
     print(f"\nTensorRT CUDA graph: same prediction {r['same_prediction']:.4f}, same pixels {r['same_pixels']:.4f}")
     assert r["same_prediction"] >= 63 / 64
-    assert abs(r["acc_tested"] - r["acc_reference"]) <= 2 * 100 / 64
+    assert r["same_prediction"] >= floor["same_prediction"] and r["same_pixels"] >= floor["same_pixels"]
     for _ in range(2):
         graph.purify(x[:1])
     assert graph.graph_captured(1)
