@@ -109,3 +109,24 @@ def test_stable_cross_entropy_is_ce_without_the_float32_floor():
     stable_cross_entropy(b, t).backward()
     assert stable_cross_entropy(big, t).item() > 0 and b.grad.abs().max() > 0
     assert stable_cross_entropy(big, torch.nn.functional.one_hot(t, 10)).item() == stable_cross_entropy(big, t).item()
+
+
+def test_eval_stable_ce_reaches_the_ce_attacks_and_is_recorded(art20, tmp_path, capsys):
+    """``--ce stable-ce``: pgd and ART's APGD-CE minimise the stable loss (named in their parameters, so a run
+    made with the default loss is not resumed under it), and still break the bare classifier."""
+    import json
+
+    from zeropur_export.cli import main
+    out = tmp_path / "ce"
+    cmd = ["eval", "--artifacts", str(art20), "--rows", "0:4", "--batch", "4", "--attacks", "pgd", "apgd-ce",
+           "autoattack", "--pgd-steps", "3", "--apgd-iter", "3", "--apgd-targets", "1", "--queries", "10",
+           "--out", str(out), "--quiet", "--threads", "2", "--set", "gs_steps=1", "ap_steps=1"]
+    assert main(cmd + ["--ce", "stable-ce"]) == 0, capsys.readouterr().err
+    res = json.loads((out / "eval.json").read_text())
+    rows = [r for r in res["attacks"] if r["group"] != "worst"]
+    assert [r["attack"] for r in rows] == ["pgd", "apgd-ce", "autoattack"]
+    for r in rows:
+        assert r["params"]["ce"] == "stable-ce" and r["robust_acc"] < res["clean"]["acc"]
+    capsys.readouterr()
+    assert main(cmd) == 2  # the same chunks under the default loss: refused, not silently mixed
+    assert "other pgd settings" in capsys.readouterr().err
