@@ -180,7 +180,7 @@ def _row(name: str, out: dict[str, Any], params: dict[str, Any], n: int, seed: i
     return dict(attack=name, group=ATTACKS[name].group, label=ATTACKS[name].label, n=n, seed=seed, params=params,
                 robust_acc=100 * float(robust["bare"].mean()), robust_acc_purified=100 * float(robust["purified"].mean()),
                 attack_s=out["purified"]["attack_s"], purify_s=0.0, bare_attack_s=out["bare"]["attack_s"],
-                linf=float(params["eps"]), candidates=1, chunks=out["purified"]["chunks"],
+                linf=float(params["eps"]), candidates=1, chunks=out["purified"]["chunks"] + out["bare"]["chunks"],
                 chunks_resumed=out["purified"]["resumed"] + out["bare"]["resumed"], budgets=by_budget,
                 median_queries=_median(pur), median_queries_bare=_median(bare),
                 queries_to_success=[int(v) for v in pur], queries_to_success_bare=[int(v) for v in bare],
