@@ -224,7 +224,7 @@ def test_data_without_labels_or_too_few_rows(real, tmp_path, capsys):
     assert cli.main(["--model", "resnet20", "--data", str(r), "--calib-rows", "0:10", "--force-overlap"]) == 2
     assert "labels must be in 0..9" in capsys.readouterr().err
     assert cli.main(["--model", "resnet20", "--data", str(tmp_path / "missing.npz")]) == 2
-    assert "data file not found" in capsys.readouterr().err
+    assert "no such file" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- evaluation mode

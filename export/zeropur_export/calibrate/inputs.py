@@ -72,7 +72,7 @@ def load_labelled(path: str | None, rows: tuple[int, int]) -> tuple[np.ndarray, 
     try:
         p = sources.cifar10_test_file(path)
     except FileNotFoundError as e:
-        raise CalibError(f"{e} (--data takes a .npz with 'x' uint8 N,32,32,3 and 'y' labels)") from None
+        raise CalibError(f"{e}; --data takes a .npz with 'x' uint8 N,32,32,3 and 'y' labels") from None
     try:
         with np.load(p) as z:
             keys = list(z.keys())
