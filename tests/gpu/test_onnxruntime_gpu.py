@@ -12,7 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 if "CUDAExecutionProvider" not in ort.get_available_providers():
     pytest.skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (pip install onnxruntime-gpu)",
                 allow_module_level=True)
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 from benchmarks.runtime_parity import free_running  # noqa: E402
 from zeropur_rt.pipeline import Purifier  # noqa: E402
