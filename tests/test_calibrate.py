@@ -59,8 +59,10 @@ def test_tiny_search_writes_a_loadable_config_and_report(real, tmp_path, capsys)
 
 def test_worst_case_objective_scores_the_worst_attack_and_reports_both(real, tmp_path, capsys):
     out = tmp_path / "cal"
+    # 12 images under a 2-iteration worst case: whether any config gains a point is a coin flip (ART 1.20.1 here:
+    # none does), so no gain is asked for; what is checked is how the worst case is scored and reported
     rc = cli.main(TINY + ["--max-clean-drop", "100", "--out", str(out), "--objective", "worst", "--apgd-iter", "2",
-                          "--bpda-steps", "1"])
+                          "--bpda-steps", "1", "--min-robust-gain", "0"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
     assert rep["objective"]["name"] == "worst" and rep["objective"]["bpda_steps"] == 1
