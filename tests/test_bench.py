@@ -56,7 +56,9 @@ def test_bench_torch_fast_row(art20, tmp_path):
                  "--out", str(out)]) == 0
     rows = json.loads((out / "latency.json").read_text())["rows"]
     assert [r["backend"] for r in rows] == ["released", "torch-fast"]
-    assert rows[1]["speedup_vs_released"] > 1 and "| torch-fast | 2 |" in (out / "latency.md").read_text()
+    # no timed assert (a loaded CI box can make any row slow): the ratio is the two rows' own medians
+    assert rows[1]["speedup_vs_released"] == pytest.approx(rows[0]["p50_s"] / rows[1]["p50_s"])
+    assert "| torch-fast | 2 |" in (out / "latency.md").read_text()
 
 
 def test_bench_set_parses_fractions_and_booleans_for_every_row(art20, tmp_path):
