@@ -79,7 +79,6 @@ def hopskipjump(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y:
     noise image the system labels wrong, searched with a seeded generator (ART's own search is unseeded)."""
     from art.attacks.evasion import HopSkipJump
     from art.estimators.classification import BlackBoxClassifier
-    k = classes
     q = np.full(len(x), -1)
     closest = np.full(len(x), np.inf)
     for i in range(len(x)):
@@ -101,7 +100,7 @@ def hopskipjump(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y:
             used[0] += take
             if take < len(v):
                 raise _Stop
-            return np.eye(k, dtype=np.float32)[pred]
+            return np.eye(classes, dtype=np.float32)[pred]
 
         rng = np.random.default_rng(seed + i)
         np.random.seed(seed + i)  # HopSkipJump's own draws come from numpy's global generator
@@ -116,9 +115,8 @@ def hopskipjump(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y:
                     break
             if init is None:
                 continue  # nothing the system labels wrong to start from: the attack cannot begin
-            clf = BlackBoxClassifier(labels, tuple(x.shape[1:]), k, clip_values=(0.0, 1.0))
-            att = HopSkipJump(clf, targeted=False, norm=np.inf, batch_size=batch, verbose=False,
-                              **{n: v for n, v in HSJ.items() if n != "init_size"}, init_size=HSJ["init_size"])
+            clf = BlackBoxClassifier(labels, tuple(x.shape[1:]), classes, clip_values=(0.0, 1.0))
+            att = HopSkipJump(clf, targeted=False, norm=np.inf, batch_size=batch, verbose=False, **HSJ)
             att.generate(x[i:i + 1], x_adv_init=init[None].copy())
         except _Stop:
             pass
