@@ -246,7 +246,7 @@ def test_cli_weights_hash_mismatch(tmp_path, capsys, monkeypatch):
     d.mkdir()
     (d / "resnet20-12fca82f.th").write_bytes(b"tampered")
     assert cli.main(["export", "resnet20", "--out", str(tmp_path / "a"), "--weights-dir", str(d)]) == 2
-    assert "sha256 mismatch" in capsys.readouterr().err
+    assert "is not the published resnet20-12fca82f.th: sha256" in capsys.readouterr().err
     # an explicit file with an explicit expected hash
     f = tmp_path / "w.th"
     torch.save(CifarResNet(3).state_dict(), f)

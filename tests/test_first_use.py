@@ -69,7 +69,7 @@ def test_eps_in_pixel_levels_is_refused_with_the_fix(art20, pngs, capsys):
 def test_info_is_readable_and_json_on_request(art20, capsys):
     assert rt(["info", str(art20)]) == 0
     text = capsys.readouterr().out
-    assert "eps 10/255" in text and "Guided Shift 10 x 1/255" in text and "verified (sha256 ok)" in text
+    assert "eps 10/255" in text and "Guided Shift 10 x 1/255 (step rule fixed" in text and "verified (sha256 ok)" in text
     assert rt(["info", str(art20), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "resnet20"
 

@@ -17,7 +17,8 @@ def per_255(value: float) -> str:
 
 def describe_config(cfg: dict[str, Any]) -> str:
     parts = [f"eps {per_255(cfg['eps'])}",
-             f"Guided Shift {cfg['gs_steps']} x {per_255(cfg['gs_step'])} (blur sigma {cfg['blur_sigma']:g}, "
+             f"Guided Shift {cfg['gs_steps']} x {per_255(cfg['gs_step'])} (step rule {cfg.get('gs_step_rule', 'fixed')}, "
+             f"blur sigma {cfg['blur_sigma']:g}, "
              f"momentum {cfg['momentum']:g}, L1 per {cfg['l1_scope']})",
              f"Adaptive Projection {cfg['ap_steps']} x {per_255(cfg['ap_step'])} (ILA weight {cfg['ila_weight']:g}"
              f"{', normalised' if cfg.get('ila_normalized') else ''}, LPIPS weight {cfg['lpips_weight']:g})"]
