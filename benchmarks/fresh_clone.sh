@@ -2,11 +2,14 @@
 # A stranger's first hour, timed: a fresh clone with no ../shared whose only route out is ZEROPUR_MIRROR, a
 # loopback server holding the real weights and a CIFAR-10 archive in the official format made from the shared
 # copy (the sources table pointed at its hash). Then the README: fetch, the first table, a deploy-only venv that
-# purifies a PNG folder, serve + query. Usage: bash benchmarks/fresh_clone.sh [SHARED] [WORKDIR]  (about 15 min)
+# purifies a PNG folder, serve + query. Usage: bash benchmarks/fresh_clone.sh [SHARED] [NEW_WORKDIR]  (about 15 min)
 set -euo pipefail
 T0=$(date +%s); stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 SHARED=$(realpath "${1:-../shared}"); REPO=$(git rev-parse --show-toplevel)
-W=${2:-/tmp/zeropur-stranger}; rm -rf "$W"; mkdir -p "$W/mirror"
+# A new folder ($TMPDIR's by default): never an existing one, so nothing of the user's is removed or reused
+W=${2:-$(mktemp -d -t zeropur-stranger.XXXXXX)}
+if [ -e "$W" ] && [ -n "$(ls -A "$W")" ]; then echo "$W is not empty: name a new folder" >&2; exit 2; fi
+mkdir -p "$W/mirror"
 export SHARED W
 cp "$SHARED"/models/*.th "$W/mirror/"
 python3 - <<'PY'

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_channels_last_input_shape_is_refused_before_torch_runs(capsys):
 
 
 def test_export_without_weights_warns_and_records_it(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     out = tmp_path / "art"
     rc = export_cli(["export", "--victim", "test_first_use_export:make", "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
                      "--input-shape", "3,32,32", "--num-classes", "10", "--out", str(out), "--max-batch", "4",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -41,26 +40,10 @@ def load_cifar10_test(path: str | os.PathLike | None = None, start: int = 0, sto
 
 
 def load_cifar_pickle_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """One batch file of the original CIFAR-10/100 python release -> (uint8 NHWC, int64 labels).
-
-    The file is a pickle of a dict with ``b'data'`` (N, 3072) uint8 rows (1024 R, 1024 G, 1024 B)
-    and ``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100).
-    """
-    with open(path, "rb") as f:  # plain containers and numpy arrays only: a batch file runs no pickled code
-        try:
-            d = sources.ArrayUnpickler(f, encoding="bytes").load()
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path} is not a CIFAR python batch ({e})") from None
-    if not isinstance(d, dict) or b"data" not in d:
-        raise ValueError(f"{path} is not a CIFAR python batch (no b'data' key)")
-    labels = d.get(b"labels", d.get(b"fine_labels"))
-    if labels is None:
-        raise ValueError(f"{path} has no b'labels' or b'fine_labels'")
-    data = np.asarray(d[b"data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: b'data' must be (N, 3072), got {data.shape}")
-    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(x), np.asarray(labels, dtype=np.int64)
+    """One batch file of the original CIFAR-10/100 python release -> (uint8 NHWC, int64 labels)
+    (``sources.read_cifar_batch``, which the fetched archive is read with too)."""
+    with open(path, "rb") as f:
+        return sources.read_cifar_batch(f, str(path))
 
 
 def to_nchw_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:

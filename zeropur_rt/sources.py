@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -178,6 +179,26 @@ class ArrayUnpickler(pickle.Unpickler):
         return getattr(np, name)
 
 
+def read_cifar_batch(f: IO[bytes], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 NHWC, int64 labels) of one pickled batch of the CIFAR-10/100 python release: a dict with ``b'data'``,
+    (N, 3072) uint8 rows (1024 R, 1024 G, 1024 B), and ``b'labels'`` (CIFAR-10) or ``b'fine_labels'`` (CIFAR-100).
+    Plain containers and numpy arrays only: a batch file runs no pickled code. A ValueError names ``where``."""
+    try:
+        d = ArrayUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{where} is not a CIFAR python batch ({e})") from None
+    if not isinstance(d, dict) or b"data" not in d:
+        raise ValueError(f"{where} is not a CIFAR python batch (no b'data' key)")
+    labels = d.get(b"labels", d.get(b"fine_labels"))
+    if labels is None:
+        raise ValueError(f"{where} has no b'labels' or b'fine_labels'")
+    data = np.asarray(d[b"data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{where}: b'data' must be (N, 3072), got {data.shape}")
+    x = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return x, np.asarray(labels, dtype=np.int64)
+
+
 def read_cifar10_archive(archive: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 NHWC, int64 labels) of ``cifar-10-batches-py/test_batch`` in the official python archive."""
     member = "cifar-10-batches-py/test_batch"
@@ -186,14 +207,12 @@ def read_cifar10_archive(archive: str | os.PathLike) -> tuple[np.ndarray, np.nda
             f = tar.extractfile(member)
             if f is None:
                 raise KeyError(member)
-            d = ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, KeyError, tarfile.TarError, pickle.UnpicklingError, EOFError) as e:
+            x, y = read_cifar_batch(f, member)
+    except (OSError, KeyError, tarfile.TarError, ValueError) as e:
         raise DownloadError(f"{archive} is not the CIFAR-10 python archive (no readable {member}: {e})") from None
-    data = np.asarray(d[b"data"], dtype=np.uint8)
-    if data.shape != (10000, 3072):
-        raise DownloadError(f"{archive}: {member} holds {data.shape} pixels, expected (10000, 3072)")
-    x = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return x, np.asarray(d[b"labels"], dtype=np.int64)
+    if len(x) != 10000:
+        raise DownloadError(f"{archive}: {member} holds {len(x)} images, expected 10000")
+    return x, y
 
 
 def download_source(src: Source, dest: Path, timeout: float = 60.0) -> Path:
