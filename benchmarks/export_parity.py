@@ -27,12 +27,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from zeropur_export.onnx_export import BatchRange, export_artifacts  # noqa: E402
-from zeropur_export.parity import OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
-from zeropur_export.weights import KNOWN_WEIGHTS  # noqa: E402
-from zeropur_export.zoo import ZOO, load_victim  # noqa: E402
+from zeropur_export.graphs.onnx_export import BatchRange, export_artifacts  # noqa: E402
+from zeropur_export.graphs.parity import OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
+from zeropur_export.victims.weights import KNOWN_WEIGHTS  # noqa: E402
+from zeropur_export.victims.zoo import ZOO, load_victim  # noqa: E402
 from zeropur_rt.config import preset  # noqa: E402
-from zeropur_rt.data import cifar10_test_path, load_cifar10_test, to_nchw_float  # noqa: E402
+from zeropur_export.data import cifar10_test_path, load_cifar10_test, to_nchw_float  # noqa: E402
 from zeropur_rt.manifest import load_manifest  # noqa: E402
 
 DEFAULT = ("resnet20", "resnet56", "preact_resnet18", "vgg19_bn", "wrn28_10", "resnet50")

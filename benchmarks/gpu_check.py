@@ -33,6 +33,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from benchmarks import gpu_speed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,17 +53,6 @@ def _pytest(path: str, out: Path, timeout: int) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t, 1)}
 
 
-def time_calls(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> dict[str, float]:
-    """``reps`` synchronised calls after one warm-up (cuDNN / TensorRT tactics, torch.compile, CUDA graph capture)."""
-    from zeropur_rt.bench import timed
-
-    def call() -> None:
-        fn()
-        sync()
-    ts = timed(call, 1, reps)
-    return {"median_s": float(np.median(ts)), "min_s": float(np.min(ts)), "reps": reps}
-
-
 def _fp32(deterministic: bool) -> None:
     """float32 as on the CPU (no TF32); deterministic cuDNN for bit-level checks, autotuned for latency."""
     import torch
@@ -73,8 +64,8 @@ def _fp32(deterministic: bool) -> None:
 def check_device_loop(art: Path, x: np.ndarray) -> dict[str, Any]:
     """Torch runner + our CUDA kernels: eager vs CUDA graph (bit for bit), and vs the reference's torch
     kernels on the same GPU gradients."""
-    from zeropur_export.reference import TorchKernels
-    from zeropur_export.torch_runner import load_purifier
+    from zeropur_export.reference.steps import TorchKernels
+    from zeropur_export.reference.torch_runner import load_purifier
     from zeropur_rt.pipeline import Purifier
 
     _fp32(deterministic=True)
@@ -100,9 +91,9 @@ def check_reference_parity(model: str, art: Path, x: np.ndarray, y: np.ndarray, 
     """The device loop (CUDA graph) vs the torch reference (lean, eager) on real images, clean and PGD-20."""
     import torch
 
-    from zeropur_export.attacks import pgd_linf
-    from zeropur_export.reference import ReferencePurifier
-    from zeropur_export.torch_runner import load_purifier
+    from zeropur_export.attacks.pgd import pgd_linf
+    from zeropur_export.reference.purifier import ReferencePurifier
+    from zeropur_export.reference.torch_runner import load_purifier
 
     _fp32(deterministic=True)
     loop = load_purifier(art, "cuda", cuda_graph=True)
@@ -137,8 +128,8 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
                 x_all: np.ndarray) -> list[dict[str, Any]]:
     import torch
 
-    from zeropur_export.reference import ReferencePurifier
-    from zeropur_export.torch_runner import load_purifier
+    from zeropur_export.reference.purifier import ReferencePurifier
+    from zeropur_export.reference.torch_runner import load_purifier
     from zeropur_rt.pipeline import Purifier
 
     _fp32(deterministic=False)
@@ -165,7 +156,7 @@ def bench_model(model: str, art: Path, batches: list[int], have_trt: bool, reps:
             variants += [("tensorrt_device_loop", lambda: trt_eager.purify(x)),
                          ("tensorrt_device_loop_cuda_graph", lambda: trt_graph.purify(x))]
         for name, fn in variants:
-            row[name] = _guarded(lambda: time_calls(fn, sync, r))  # a failing variant does not cost the others
+            row[name] = _guarded(lambda: gpu_speed.time_calls(fn, sync, r))  # a failing variant does not cost the others
         base = row["torch_released_code_cost"].get("median_s", float("nan"))
         row["speedup_vs_released"] = {kk: base / v["median_s"] for kk, v in row.items()
                                       if isinstance(v, dict) and "median_s" in v}
@@ -268,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         # skips itself (with the reason in the summary) where onnxruntime has no CUDA execution provider
         report["checks"]["onnxruntime_gpu"] = _pytest("tests/gpu/test_onnxruntime_gpu.py", out, args.test_timeout)
         write_report(out, report)
-    from zeropur_export.build import ensure_artifacts
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_export.artifacts import ensure_artifacts
+    from zeropur_export.data import load_cifar10_test, to_nchw_float
     try:
         xs, ys = load_cifar10_test(stop=max(256, args.parity_n))
         x_all, y_all = to_nchw_float(xs), ys
@@ -280,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             art = ensure_artifacts(model, art_root / model)
             if have_trt:
-                from zeropur_export.engines import build_engines
+                from zeropur_export.engines.builder import build_engines
                 build_engines(art, precision="fp32")
         except Exception as e:  # noqa: BLE001 - e.g. weights missing
             report["checks"][f"{model}_artifacts"] = {"ok": False, "summary": f"{type(e).__name__}: {e}"}
@@ -313,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _speed_report(out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks import gpu_speed
     rc = gpu_speed.main(["--out", str(out), "--artifacts", args.artifacts, "--models", *args.models,
                          "--batches", *map(str, args.batches), "--agree-n", str(args.parity_n)])
     written = out / "gpu_speed.json"

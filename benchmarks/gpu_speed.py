@@ -31,14 +31,23 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.gpu_check import time_calls
+from zeropur_rt.bench import timed
 
 VARIANTS = ("released", "autograd", "fast-fp32", "fast-tf32", "fast-bf16", "fast-fp32-autotune")
 FLOOR = "float32-floor"  # the agreement row of the reference against itself in another float32 summation order
 
 
+def time_calls(fn: Callable[[], Any], sync: Callable[[], None], reps: int) -> dict[str, float]:
+    """``reps`` synchronised calls after one warm-up (cuDNN / TensorRT tactics, torch.compile, CUDA graph capture)."""
+    def call() -> None:
+        fn()
+        sync()
+    ts = timed(call, 1, reps)
+    return {"median_s": float(np.median(ts)), "min_s": float(np.min(ts)), "reps": reps}
+
+
 def _purifier(variant: str, art: Path, device: str, victim: Any, overrides: dict[str, Any]) -> Any:
-    from zeropur_export.torch_runner import load_purifier
+    from zeropur_export.reference.torch_runner import load_purifier
     if variant == "autograd":
         return load_purifier(art, device, victim=victim, overrides=overrides)
     return load_purifier(art, device, victim=victim, overrides=overrides, fast=True, precision=variant.split("-")[1],
@@ -79,8 +88,8 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
     import torch
 
     from zeropur_rt.macs import purification_macs
-    from zeropur_export.reference import ReferencePurifier
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.reference.purifier import ReferencePurifier
+    from zeropur_export.victims.zoo import load_victim
 
     victim = load_victim(model).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -128,7 +137,7 @@ def agreement(ref: Any, purifiers: dict[str, Any], x: np.ndarray, y: np.ndarray,
     far, on the same images and the same device, so that a fast row's agreement can be read against it."""
     import torch
 
-    from zeropur_export.parity import convolution_library, in_second_float32_order
+    from zeropur_export.graphs.parity import convolution_library, in_second_float32_order
 
     victim, device = ref.victim, ref.runner.dev
     fast = {v: p for v, p in purifiers.items() if v.startswith("fast")}
@@ -208,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--variants needs a row besides released")
     import torch
 
-    from zeropur_export.build import ensure_artifacts
+    from zeropur_export.artifacts import ensure_artifacts
     from zeropur_rt.config import parse_sets
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_export.data import load_cifar10_test, to_nchw_float
     from zeropur_rt.files import atomic_write_json, atomic_write_text
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():

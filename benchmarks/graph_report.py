@@ -9,7 +9,7 @@
 ``--artifacts`` compares artifact directories as they are (e.g. one exported by older code). Every
 variant of a graph is timed in one process, calls interleaved round by round, with the runtime's own
 session options; the best call counts (the machine may be shared: other processes only ever slow a
-call down). The sgemm ceiling is ``zeropur_export.costs.cpu_peak_gflops`` at the same thread count,
+call down). The sgemm ceiling is ``zeropur_export.bench.costs.cpu_peak_gflops`` at the same thread count,
 taken before and after the timings (the larger counts).
 """
 from __future__ import annotations
@@ -108,9 +108,9 @@ def op_profile(path: Path, batch: int, threads: int, calls: int = 5) -> dict[str
 
 
 def export_variants(model: str, out: Path, force: bool) -> dict[str, Path]:
-    from zeropur_export.onnx_export import export_artifacts
-    from zeropur_export.weights import find_weights
-    from zeropur_export.zoo import ZOO, load_victim
+    from zeropur_export.graphs.onnx_export import export_artifacts
+    from zeropur_export.victims.weights import find_weights
+    from zeropur_export.victims.zoo import ZOO, load_victim
     from zeropur_rt.config import preset
     from zeropur_rt.files import sha256_file
     if model not in ZOO:
@@ -128,7 +128,7 @@ def export_variants(model: str, out: Path, force: bool) -> dict[str, Path]:
 
 
 def report(dirs: dict[str, Path], batch: int, threads: int, rounds: int, profile: list[str]) -> dict[str, Any]:
-    from zeropur_export.costs import cpu_peak_gflops
+    from zeropur_export.bench.costs import cpu_peak_gflops
     from zeropur_rt.macs import graph_macs
     manifests = {k: load_manifest(d) for k, d in dirs.items()}
     graphs = [g for g in next(iter(manifests.values())).graphs if all(g in m.graphs for m in manifests.values())]

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import tempfile
 
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_export.data import load_cifar10_test, to_nchw_float
     from zeropur_rt.serving.repository import RepoOptions, write_repository
     from zeropur_rt.serving.server import TritonServer, find_triton
     install = find_triton()

@@ -51,7 +51,7 @@ def _one_step_fewer(steps: str) -> tuple[str, str]:
     return head + "):", head + " - 1):"
 
 
-REF, SCHED, TWIN = "export/zeropur_export/reference.py", "zeropur_rt/schedule.py", "zeropur_rt/kernels/numpy_twin.py"
+REF, SCHED, TWIN = "export/zeropur_export/reference/losses.py", "zeropur_rt/schedule.py", "zeropur_rt/kernels/numpy_twin.py"
 CONFIG = "zeropur_rt/config.py"
 MUTANTS = (
     Mutant("gs-sign", "GS", REF, "return _step_and_clip(x, m, x_in, cfg.eps, cfg.gs_step, sign), m",
@@ -78,11 +78,11 @@ MUTANTS = (
     Mutant("ap-clip-one-side", "AP", REF, "x = torch.minimum(torch.maximum(x, x_in - eps), x_in + eps)",
            "x = torch.minimum(x, x_in + eps)", "the eps clip missing below"),
     Mutant("ap-one-step-fewer", "AP", SCHED, *_one_step_fewer("ap_steps"), "one AP step fewer"),
-    Mutant("graph-sample-zeroed", "graphs", "export/zeropur_export/onnx_export.py",
+    Mutant("graph-sample-zeroed", "graphs", "export/zeropur_export/graphs/onnx_export.py",
            "        return gs_loss(victim, x, x_blur)\n",
            "        return gs_loss(victim, torch.cat([x[:1].detach(), x[1:]]), x_blur)\n",
            "the exported gs_grad graph drops the first sample's gradient"),
-    Mutant("graph-bn-fold-eps", "graphs", "export/zeropur_export/fold.py", "scale = torch.rsqrt(var + bn.eps)",
+    Mutant("graph-bn-fold-eps", "graphs", "export/zeropur_export/victims/fold.py", "scale = torch.rsqrt(var + bn.eps)",
            "scale = torch.rsqrt(var + 1e-3)", "BatchNorm folded with epsilon 1e-3 instead of the layer's"),
     Mutant("kernel-no-clamp", "kernels", TWIN, "    x = np.where(x < F32(0), F32(0), x)\n    x = np.where(x > F32(1), F32(1), x)\n",
            "", "the numpy twin's [0, 1] clamp missing"),
@@ -131,7 +131,7 @@ def plant(tree: Path, m: Mutant) -> None:
 
 
 def run_suite(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str, float]:
-    from zeropur_rt.data import shared_dir
+    from zeropur_export.data import shared_dir
     # the copy has no ../shared beside it: the tests read the checkout's (without it they would skip, not fail)
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONDONTWRITEBYTECODE="1", ZEROPUR_SHARED=str(shared_dir()))
     cmd = [sys.executable, "-c", BOOT.format(root=str(tree)), "-x", "-q", "-p", "no:cacheprovider", *tests]

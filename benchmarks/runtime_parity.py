@@ -5,7 +5,7 @@
 Teacher-forced: at every GS and AP step of the torch reference's trajectory, the runtime's
 graph is fed the reference's iterate (and, for ap_grad, the reference's float32 constants);
 its error against the float64 truth on the same inputs must be <= 2x the float32
-spread (the torch float32 reference with and without oneDNN, see ``zeropur_export.parity``; plus a
+spread (the torch float32 reference with and without oneDNN, see ``zeropur_export.graphs.parity``; plus a
 float32 floor) and <= 1e-3. Free-running: both purify the same
 images independently; report identical predictions, identical pixels, and accuracies.
 
@@ -29,9 +29,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from zeropur_export.parity import ParityRow, conditioning_floor, in_second_float32_order, parity_row
-from zeropur_export.reference import ReferencePurifier, blur_torch
-from zeropur_export.taps import Victim
+from zeropur_export.graphs.parity import ParityRow, conditioning_floor, in_second_float32_order, parity_row
+from zeropur_export.reference.losses import blur_torch
+from zeropur_export.reference.purifier import ReferencePurifier
+from zeropur_export.victims.taps import Victim
 from zeropur_rt.pipeline import Purifier
 
 
@@ -183,10 +184,10 @@ def format_agreement(label: str, r: dict, tested: str = "runtime") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zeropur_export.attacks import pgd_linf
-    from zeropur_export.build import ensure_artifacts
-    from zeropur_export.zoo import load_victim
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_export.attacks.pgd import pgd_linf
+    from zeropur_export.artifacts import ensure_artifacts
+    from zeropur_export.victims.zoo import load_victim
+    from zeropur_export.data import load_cifar10_test, to_nchw_float
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", nargs="+", default=["resnet20"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zeropur_rt.data import cifar10_test_path, load_cifar10_test, shared_dir, to_nchw_float
+from zeropur_export.data import cifar10_test_path, load_cifar10_test, shared_dir, to_nchw_float
 
 
 def _need(path, what: str):
@@ -24,7 +24,7 @@ def cifar():
 def victim20():
     torch = pytest.importorskip("torch")
     _need(shared_dir() / "models" / "resnet20-12fca82f.th", "ResNet-20 weights")
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.victims.zoo import load_victim
     torch.set_num_threads(2)
     return load_victim("resnet20")
 
@@ -33,7 +33,7 @@ def victim20():
 def victim56():
     pytest.importorskip("torch")
     _need(shared_dir() / "models" / "resnet56-4bfd9763.th", "ResNet-56 weights")
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.victims.zoo import load_victim
     return load_victim("resnet56")
 
 
@@ -58,8 +58,8 @@ def art20(tmp_path_factory, victim20):
         if load_manifest(d).model != "resnet20":
             raise ValueError(f"$ZEROPUR_TEST_ART20={d} is not a resnet20 artifact directory")
         return d
-    from zeropur_export.onnx_export import export_artifacts
-    from zeropur_export.weights import find_weights
+    from zeropur_export.graphs.onnx_export import export_artifacts
+    from zeropur_export.victims.weights import find_weights
     from zeropur_rt.config import preset
     from zeropur_rt.files import sha256_file
     out = tmp_path_factory.mktemp("artifacts") / "resnet20"

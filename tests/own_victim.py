@@ -1,4 +1,4 @@
-"""A classifier that is not in the zoo, written here independently of ``zeropur_export.zoo``: a CIFAR
+"""A classifier that is not in the zoo, written here independently of ``zeropur_export.victims.zoo``: a CIFAR
 ResNet-32 (He et al.'s option-A shortcut as channel padding of a strided view) whose parameter names
 follow the published akamaster checkpoint, so the real ``resnet32-d509ac18.th`` loads into it through
 ``--weights``; and a small CNN without any stage structure, for the hand-taps path."""
@@ -69,6 +69,6 @@ def tiny_cnn() -> nn.Module:
 
 def tiny_victim():
     """A factory that returns a ready ``Victim`` (its own contract and hand taps: Guided Shift only)."""
-    from zeropur_export.taps import TapSpec, make_victim
+    from zeropur_export.victims.taps import TapSpec, make_victim
     return make_victim(tiny_cnn(), TapSpec(embedding="head:in", ila=(), lpips=(), mean=(0.5, 0.5, 0.5),
                                            std=(0.25, 0.25, 0.25), input_shape=(3, 32, 32), num_classes=10), "tiny")

@@ -1,4 +1,4 @@
-"""The gradients adaptive attacks take through ZeroPur (``zeropur_export.adaptive``), on the real ResNet-20."""
+"""The gradients adaptive attacks take through ZeroPur (``zeropur_export.attacks.adaptive``), on the real ResNet-20."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("art")
 
-from zeropur_export import adaptive  # noqa: E402
-from zeropur_export.attacks import pgd_linf  # noqa: E402
-from zeropur_export.reference import ReferencePurifier  # noqa: E402
+from zeropur_export.attacks import adaptive  # noqa: E402
+from zeropur_export.attacks.pgd import pgd_linf  # noqa: E402
+from zeropur_export.reference.purifier import ReferencePurifier  # noqa: E402
 from zeropur_rt import schedule  # noqa: E402
 from zeropur_rt.config import ZeroPurConfig  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_unrolled_loop_is_the_reference_and_its_backward_the_one_graph_chain_rul
 
 
 def test_bpda_model_is_victim_at_purified_image_and_matches_art_preprocessor(pur_tiny, victim20, cifar):
-    from zeropur_export.art_preprocessor import bpda_classifier
+    from zeropur_export.attacks.art_bridge import bpda_classifier
     x, y = cifar[0][:4], cifar[1][:4]
     m = adaptive.BPDAModel(victim20, pur_tiny.purify)
     xp = pur_tiny.purify(x)

@@ -1,4 +1,4 @@
-"""AutoAttack's semantics (``zeropur_export.autoattack``) on the real ResNet-20 and CIFAR-10 rows, tiny budgets."""
+"""AutoAttack's semantics (``zeropur_export.attacks.autoattack``) on the real ResNet-20 and CIFAR-10 rows, tiny budgets."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zeropur_export import autoattack as aa  # noqa: E402
-from zeropur_export.attacks import stable_cross_entropy  # noqa: E402
+from zeropur_export.attacks import autoattack as aa  # noqa: E402
+from zeropur_export.attacks.pgd import stable_cross_entropy  # noqa: E402
 
 EPS = 8 / 255
 

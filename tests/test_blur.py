@@ -36,7 +36,7 @@ def test_blur_bit_exact_for_any_sigma_including_sub_pixel_box_radius(sigma):
 
 def test_torch_blur_equals_numpy_blur(cifar):
     torch = pytest.importorskip("torch")
-    from zeropur_export.reference import blur_torch
+    from zeropur_export.reference.losses import blur_torch
     x = cifar[0][:64]
     for sigma in (0.7, 1.8, 3.0):
         assert np.array_equal(blur_torch(torch.from_numpy(x), sigma).numpy(), blur_images(x, sigma))

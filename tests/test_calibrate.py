@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from zeropur_rt.config import ZeroPurConfig, preset
-from zeropur_rt.data import cifar10_test_path, shared_dir
+from zeropur_export.data import cifar10_test_path, shared_dir
 
 torch = pytest.importorskip("torch")
 calib = pytest.importorskip("zeropur_export.calibrate")
 from zeropur_export.calibrate import cli, search  # noqa: E402
-from zeropur_export.calibrate.evaluator import gs_key  # noqa: E402
+from zeropur_export.calibrate.scorer import gs_key  # noqa: E402
 
 TINY = ["--model", "resnet20", "--calib-rows", "5000:5012", "--stage-n", "6,9,12", "--grid-sigma", "1.0",
         "--grid-eps", "8", "--grid-gs-steps", "1,2", "--grid-gs-step", "1", "--grid-ap-steps", "1",
@@ -91,7 +91,7 @@ def test_no_config_in_budget_exits_3_with_the_closest_miss_marked_and_reruns_fro
     # the stale {} is replaced by the closest miss, marked; build_config reads it and keeps the mark
     miss = json.loads((out / "calibrated_config.json").read_text())
     assert miss.pop("_budget").startswith("FAILS the budget") and miss == rep["fallback"]["config"]
-    from zeropur_export.build import build_config
+    from zeropur_export.artifacts import build_config
     cfg, prov = build_config("cifar10", out / "calibrated_config.json")
     assert cfg.to_dict() == miss and prov["budget"].startswith("FAILS")
     assert "no config kept purified clean accuracy" in capsys.readouterr().err
@@ -106,8 +106,8 @@ def test_no_config_in_budget_exits_3_with_the_closest_miss_marked_and_reruns_fro
 
 
 def test_python_api_returns_a_config_and_a_report(real, tmp_path):
-    from zeropur_export.zoo import load_victim
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_export.victims.zoo import load_victim
+    from zeropur_export.data import load_cifar10_test, to_nchw_float
     victim = load_victim("resnet20")
     xs, ys = load_cifar10_test(None, 5000, 5008)
     x = to_nchw_float(xs)  # numpy in: the API takes torch or numpy images
@@ -139,16 +139,16 @@ def test_python_api_returns_a_config_and_a_report(real, tmp_path):
 
 
 def test_evaluator_matches_reference_purifier_and_extends_incrementally(real):
-    from zeropur_export.reference import ReferencePurifier
-    from zeropur_export.zoo import load_victim
-    from zeropur_rt.data import load_cifar10_test, to_nchw_float
+    from zeropur_export.reference.purifier import ReferencePurifier
+    from zeropur_export.victims.zoo import load_victim
+    from zeropur_export.data import load_cifar10_test, to_nchw_float
     victim = load_victim("resnet20")
     xs, ys = load_cifar10_test(None, 5000, 5006)
     x = torch.from_numpy(to_nchw_float(xs))
     def noisy(seed):
         return (x + 4 / 255 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))).clamp(0, 1)
     adv, adv2 = noisy(0), noisy(1)  # two attack blocks beside the clean one, as the worst-case objective has
-    ev = calib.Evaluator(victim, x, {"pgd": adv, "apgd-ce": adv2}, ys, batch=4, progress=False)
+    ev = calib.ConfigScorer(victim, x, {"pgd": adv, "apgd-ce": adv2}, ys, batch=4, progress=False)
     cfg = preset("cifar10", blur_sigma=1.0, eps=8 / 255, gs_steps=2, ap_steps=2, ap_step=4 / 255, ila_weight=0.1,
                  ila_normalized=True)
     gs_only = cfg.replace(ap_steps=0, gs_steps=1)  # a snapshot of the same GS trajectory

@@ -14,20 +14,22 @@ import pytest
 
 pytest.importorskip("polygraphy")
 pytest.importorskip("onnxruntime")
-check = pytest.importorskip("zeropur_export.check")
+check = pytest.importorskip("zeropur_export.engines.check")
+from zeropur_export.engines.cli import main_check  # noqa: E402
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture(scope="module")
 def art_b1(tmp_path_factory, victim20):
-    from zeropur_export.onnx_export import export_artifacts
+    from zeropur_export.graphs.onnx_export import export_artifacts
     from zeropur_rt.config import preset
     return export_artifacts(victim20, preset("cifar10"), tmp_path_factory.mktemp("b1") / "resnet20", model="resnet20",
                             batch=(1, 1, 1))
 
 
 def test_batch1_export_is_static_and_gets_an_engine_plan(art_b1, capsys):
-    from zeropur_export.engines import main_build_engines, onnx_input_dims, plan_build
+    from zeropur_export.engines.builder import onnx_input_dims, plan_build
+    from zeropur_export.engines.cli import main_build_engines
     from zeropur_rt.manifest import load_manifest
     m = load_manifest(art_b1)
     assert m.batch == {"min": 1, "opt": 1, "max": 1}
@@ -45,7 +47,7 @@ def test_batch1_export_is_static_and_gets_an_engine_plan(art_b1, capsys):
 
 
 def test_check_passes_on_a_batch1_export(art_b1, capsys):
-    assert check.main([str(art_b1)]) == 0
+    assert main_check([str(art_b1)]) == 0
     out = capsys.readouterr().out
     for g in ("classifier", "gs_grad", "ap_setup", "ap_grad"):
         assert f"ok   inspect     {g} " in out and f"ok   onnxruntime {g} @ batch 1 " in out
@@ -70,7 +72,7 @@ def test_check_fails_when_manifest_and_graphs_disagree(art_b1, tmp_path, capsys)
     raw = json.loads((bad / "manifest.json").read_text())
     raw["batch"] = {"min": 1, "opt": 2, "max": 4}  # the graphs have a fixed batch of 1
     (bad / "manifest.json").write_text(json.dumps(raw))
-    assert check.main([str(bad)]) == 1
+    assert main_check([str(bad)]) == 1
     out = capsys.readouterr().out
     assert "FAIL inspect" in out and "fixed batch of 1" in out
 
@@ -92,5 +94,5 @@ def test_comparator_catches_a_wrong_output(art_b1):
 
 @pytest.mark.skipif(HAVE_TRT, reason="tensorrt is importable here")
 def test_check_trt_on_without_tensorrt_is_an_error(art_b1, capsys):
-    assert check.main([str(art_b1), "--trt", "on"]) == 2
+    assert main_check([str(art_b1), "--trt", "on"]) == 2
     assert "tensorrt is not importable" in capsys.readouterr().err

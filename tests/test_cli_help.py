@@ -30,13 +30,13 @@ def parsers(monkeypatch) -> dict[str, argparse.ArgumentParser]:
     out: dict[str, argparse.ArgumentParser] = {}
     _walk(_parser(), "zeropur-rt", out)
     pytest.importorskip("torch")
-    from zeropur_export.cli import DELEGATED, make_parser
+    from zeropur_export.cli import COMMANDS, make_parser
     _walk(make_parser(), "zeropur-export", out)
 
     def capture(self, *a, **k):
         raise _Parsed(self)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    for cmd, (target, _) in DELEGATED.items():
+    for cmd, (target, _) in COMMANDS.items():
         mod, fn = target.split(":")
         for argv in ([], ["eval"]) if cmd == "calibrate" else ([],):
             with pytest.raises(_Parsed) as got:

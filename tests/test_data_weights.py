@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from zeropur_rt.data import load_cifar10_test, load_cifar_pickle_batch, to_nchw_float
+from zeropur_export.data import load_cifar10_test, load_cifar_pickle_batch, to_nchw_float
 
 
 def test_cifar_pickle_batch_round_trip(tmp_path):
@@ -44,7 +44,7 @@ def test_missing_data_names_the_fix(tmp_path, monkeypatch):
 
 def test_weights_lookup_verifies_hash(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from zeropur_export.weights import KNOWN_WEIGHTS, find_weights, load_state_dict
+    from zeropur_export.victims.weights import KNOWN_WEIGHTS, find_weights, load_state_dict
     monkeypatch.setenv("ZEROPUR_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("ZEROPUR_SHARED", str(tmp_path / "no_shared"))
     bad = tmp_path / KNOWN_WEIGHTS["resnet20"].filename
@@ -64,8 +64,8 @@ def test_weights_lookup_verifies_hash(tmp_path, monkeypatch):
 
 def test_download_of_known_weights_from_local_mirror(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from zeropur_export import weights
-    from zeropur_rt.data import shared_dir
+    from zeropur_export.victims import weights
+    from zeropur_export.data import shared_dir
     real = shared_dir() / "models" / "resnet20-12fca82f.th"
     if not real.is_file():
         pytest.skip(f"ResNet-20 weights not found at {real}")

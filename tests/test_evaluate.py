@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("art")
 torch = pytest.importorskip("torch")
 
-from zeropur_export import attack_suite  # noqa: E402
-from zeropur_export.attack_suite import ADAPTIVE, DEFAULT, WORST  # noqa: E402
+from zeropur_export.attacks import suite as attack_suite  # noqa: E402
+from zeropur_export.attacks.suite import ADAPTIVE, DEFAULT, WORST  # noqa: E402
 from zeropur_export.cli import main  # noqa: E402
 
 FAST = ["--set", "gs_steps=1", "ap_steps=1", "--quiet", "--threads", "2"]
@@ -24,7 +24,7 @@ def pur20(art20):
 
 
 def test_preprocessor_is_purify_forward_identity_backward(pur20, victim20, cifar):
-    from zeropur_export.art_preprocessor import ZeroPurPreprocessor, art_classifier, bpda_classifier
+    from zeropur_export.attacks.art_bridge import ZeroPurPreprocessor, art_classifier, bpda_classifier
     x, y = cifar[0][:6], cifar[1][:6]
     pre = ZeroPurPreprocessor(pur20, batch_size=4)           # two purifier calls: chunking must not change the result
     assert pre.apply_predict and not pre.apply_fit
@@ -192,7 +192,7 @@ def test_no_partial_json_on_error(art20, tmp_path, capsys, monkeypatch):
 
 def test_art_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "art", None)           # `import art` now raises ImportError
-    monkeypatch.delitem(sys.modules, "zeropur_export.art_preprocessor", raising=False)
+    monkeypatch.delitem(sys.modules, "zeropur_export.attacks.art_bridge", raising=False)
     rc, out = _bad(tmp_path, "--artifacts", str(tmp_path / "nowhere"))
     err = capsys.readouterr().err
     assert rc == 2 and "pip install 'zeropur-rt[eval]'" in err
@@ -237,7 +237,7 @@ def test_randomised_purifier_under_eot_resumes_to_the_same_figures(art20, tmp_pa
 def test_resume_compares_settings_as_the_run_meant_them(tmp_path, monkeypatch):
     """The run that exports the artifact is handed its absolute path, the rerun the relative one; a state made
     before a config field existed has that field at its default. Neither is another run; other values are."""
-    from zeropur_export.attack_suite import Ledger
+    from zeropur_export.attacks.suite import Ledger
     from zeropur_rt.config import ZeroPurConfig
     monkeypatch.chdir(tmp_path)
     cfg = ZeroPurConfig().to_dict()

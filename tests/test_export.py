@@ -14,15 +14,16 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from zeropur_export import cli, onnx_export, trt_ops  # noqa: E402
-from zeropur_export.onnx_export import BatchRange, export_artifacts  # noqa: E402
-from zeropur_export.parity import OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
-from zeropur_export.taps import TapSpec, make_victim  # noqa: E402
-from zeropur_export.zoo import ZOO, CifarResNet, ResNet50, WideResNet, _randomize_bn, load_victim  # noqa: E402
-from zeropur_export.weights import find_weights  # noqa: E402
+from zeropur_export import cli
+from zeropur_export.graphs import onnx_export, trt_ops  # noqa: E402
+from zeropur_export.graphs.onnx_export import BatchRange, export_artifacts  # noqa: E402
+from zeropur_export.graphs.parity import OrtGraphs, format_table, parity, well_conditioned  # noqa: E402
+from zeropur_export.victims.taps import TapSpec, make_victim  # noqa: E402
+from zeropur_export.victims.zoo import ZOO, CifarResNet, ResNet50, WideResNet, _randomize_bn, load_victim  # noqa: E402
+from zeropur_export.victims.weights import find_weights  # noqa: E402
 from zeropur_rt.config import preset, preset_for_shape  # noqa: E402
 from zeropur_rt.files import sha256_file  # noqa: E402
-from zeropur_rt.data import cifar10_test_path, load_cifar10_test, shared_dir, to_nchw_float  # noqa: E402
+from zeropur_export.data import cifar10_test_path, load_cifar10_test, shared_dir, to_nchw_float  # noqa: E402
 from zeropur_rt.manifest import ArtifactError, graph_io, load_manifest  # noqa: E402
 
 torch.set_num_threads(2)
@@ -333,7 +334,7 @@ def test_manifest_records_config(exported):
 def test_reused_artifacts_of_an_older_graph_revision_are_named(exported, tmp_path):
     """ensure_artifacts reuses a valid directory; one an older exporter wrote (no revision, no BatchNorm
     folding) still loads and runs, and the log says it is not this exporter's graphs."""
-    from zeropur_export.build import ensure_artifacts
+    from zeropur_export.artifacts import ensure_artifacts
     _, _, out = exported("resnet20")
     old = tmp_path / "old"
     shutil.copytree(out, old)

@@ -256,7 +256,7 @@ def test_malicious_pickle_weights_refused(tmp_path, fmt, capsys):
     import torch
 
     from zeropur_export import cli
-    from zeropur_export.weights import load_state_dict
+    from zeropur_export.victims.weights import load_state_dict
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "resnet20-evil.th"

@@ -11,7 +11,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from zeropur_export.cli import main as export_cli  # noqa: E402
-from zeropur_export.taps import format_suggestion, suggest_taps  # noqa: E402
+from zeropur_export.victims.taps import format_suggestion, suggest_taps  # noqa: E402
 
 
 class FunctionalReluNet(nn.Module):

@@ -1,4 +1,4 @@
-"""BatchNorm folding (zeropur_export.fold) and the ReLU-mask rewrite: leaner graphs, the same function."""
+"""BatchNorm folding (zeropur_export.victims.fold) and the ReLU-mask rewrite: leaner graphs, the same function."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from torch import nn  # noqa: E402
 
-from zeropur_export.fold import find_pairs, fold_batchnorm  # noqa: E402
-from zeropur_export.lowering import relu_masks_to_hardsigmoid  # noqa: E402
-from zeropur_export.parity import format_table, parity, torch_outputs  # noqa: E402
+from zeropur_export.victims.fold import find_pairs, fold_batchnorm  # noqa: E402
+from zeropur_export.graphs.tracing import relu_masks_to_hardsigmoid  # noqa: E402
+from zeropur_export.graphs.parity import format_table, parity, torch_outputs  # noqa: E402
 from zeropur_rt.config import preset  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def test_folded_victim_agrees_within_float32_spread(which, request):
         victim = request.getfixturevalue("victim20")
         x = torch.from_numpy(request.getfixturevalue("cifar")[0][:8])
     else:
-        from zeropur_export.zoo import load_victim
+        from zeropur_export.victims.zoo import load_victim
         victim = load_victim("resnet20", random_init=True, seed=3)  # non-trivial BatchNorm statistics
         x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     folded, report = fold_batchnorm(victim)
@@ -101,7 +101,7 @@ def test_pairs_that_would_change_a_read_value_are_left(reuse, taps, want):
 
 
 def test_untraceable_network_is_left_unfolded():
-    from zeropur_export.taps import TapSpec, make_victim
+    from zeropur_export.victims.taps import TapSpec, make_victim
 
     class Branchy(_Net):
         def forward(self, x):
@@ -138,8 +138,8 @@ def test_hardsigmoid_mask_is_the_greater_mask():
 
 
 def test_option_a_shortcut_as_selection_conv_is_bit_exact():
-    from zeropur_export.fold import _SelectConv
-    from zeropur_export.zoo import _OptionAShortcut
+    from zeropur_export.victims.fold import _SelectConv
+    from zeropur_export.victims.zoo import _OptionAShortcut
     y = torch.randn(4, 16, 32, 32, generator=torch.Generator().manual_seed(0))
     sc, conv = _OptionAShortcut(32), _SelectConv(16, 8, torch.float32)
     assert torch.equal(sc(y), conv(y))

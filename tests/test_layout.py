@@ -1,5 +1,6 @@
-"""The layout's rules, read from the source: deploy time never imports build time, no module-level import
-circles, cheap imports, one loop, and a wheel without ``benchmarks``."""
+"""The layout's rules, read from the source: deploy time never imports build time, no import circles (imports
+inside functions included), the deploy-side tests import no torch, cheap imports, one loop, modules that read in
+one sitting, and a wheel without ``benchmarks``."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"zeropur_rt": ROOT / "zeropur_rt", "zeropur_export": ROOT / "export" / "zeropur_export"}
+PACKAGES = {"zeropur_rt": ROOT / "zeropur_rt", "zeropur_export": ROOT / "export" / "zeropur_export", "benchmarks": ROOT / "benchmarks"}
 
 
 def _modules() -> dict[str, Path]:
@@ -44,14 +45,15 @@ def test_deploy_time_never_imports_build_time():
     assert not {m: i for m, i in bad.items() if i}
 
 
-def test_no_module_level_import_circles():
+def test_no_import_circles_even_inside_functions():
+    """A lazy import inside a function is for cost, never to close a loop: every import counts."""
     mods = _modules()
 
     def resolve(target: str) -> str | None:
         while target and target not in mods:
             target = target.rpartition(".")[0]
         return target or None
-    graph = {m: {resolve(i) for i in _imports(m, p, True)} - {None, m} for m, p in mods.items()}
+    graph = {m: {resolve(i) for i in _imports(m, p, False)} - {None, m} for m, p in mods.items()}
     # a package importing its own submodules is how packages work, not a circle
     graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
     state: dict[str, int] = {}
@@ -95,3 +97,21 @@ def test_wheel_holds_no_benchmarks():
     packages = cfg["tool"]["scikit-build"]["wheel"]["packages"]
     assert set(packages) == {"zeropur_rt", "zeropur_export"}, packages
     assert set(cfg["project"]["scripts"]) == {"zeropur-rt", "zeropur-export"}
+
+
+def test_deploy_side_tests_import_no_torch():
+    """``tests/rt`` runs in a deploy-only install (numpy + onnxruntime): not one of its files imports torch or the
+    build side, at any depth of the file."""
+    heavy = ("torch", "zeropur_export", "torchvision")
+    files = sorted((ROOT / "tests" / "rt").rglob("*.py"))
+    bad = {str(p.relative_to(ROOT)): sorted(i for i in _imports("tests.rt", p, False) if i.split(".")[0] in heavy)
+           for p in files}
+    assert files and not {k: v for k, v in bad.items() if v}
+
+
+MAX_LINES = 420  # "about 400": a module reads in one sitting
+
+
+def test_every_module_reads_in_one_sitting():
+    long = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"

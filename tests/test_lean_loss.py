@@ -5,9 +5,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zeropur_export.lean_loss import SelfLpipsDistance, ap_loss_lean  # noqa: E402
-from zeropur_export.reference import (LPIPS_DIST_FLOOR_SQ, APConstants, ap_constants, ap_loss,  # noqa: E402
-                                      lpips_features, safe_norm)
+from zeropur_export.reference.losses import SelfLpipsDistance, ap_loss_lean  # noqa: E402
+from zeropur_export.reference.losses import (LPIPS_DIST_FLOOR_SQ, APConstants, ap_constants, ap_loss,  # noqa: E402
+                                             lpips_features, safe_norm)
 from zeropur_rt.config import preset  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
@@ -17,7 +17,7 @@ CFG = preset("cifar10")
 
 @pytest.fixture(scope="module")
 def victim64(victim20):
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.victims.zoo import load_victim
     return load_victim("resnet20").double()  # its own copy: a deep copy would keep the tap hooks of victim20
 
 

@@ -27,10 +27,10 @@ def _make(kind: str, art, victim, overrides: dict) -> Purifier:
     if kind == "onnxruntime":
         return Purifier.load(art, threads=2, overrides=overrides)
     if kind == "torch":
-        from zeropur_export.torch_runner import load_purifier
+        from zeropur_export.reference.torch_runner import load_purifier
         return load_purifier(art, victim=victim, overrides=overrides)
     if kind == "reference":
-        from zeropur_export.reference import ReferencePurifier
+        from zeropur_export.reference.purifier import ReferencePurifier
         return ReferencePurifier(victim, Purifier.load(art, overrides=overrides).cfg).pipeline
     if kind == "onnxruntime-cuda":
         import onnxruntime as ort
@@ -40,7 +40,7 @@ def _make(kind: str, art, victim, overrides: dict) -> Purifier:
     if kind == "torch-cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA GPU visible to torch")
-        from zeropur_export.torch_runner import load_purifier
+        from zeropur_export.reference.torch_runner import load_purifier
         return load_purifier(art, device="cuda", victim=victim, overrides=overrides)
     if kind == "tensorrt":
         import importlib.util
@@ -74,7 +74,7 @@ def _oracle_out(victim, x: np.ndarray, second_order: bool = False) -> np.ndarray
     """tests/oracle.py's purified images (the short recipe) in the victim's precision; ``second_order``: torch's
     convolutions in their other float32 summation order (oneDNN off)."""
     import oracle
-    from zeropur_export.parity import in_second_float32_order
+    from zeropur_export.graphs.parity import in_second_float32_order
     v = oracle.OracleVictim(victim.net, victim.mean.flatten().tolist(), victim.std.flatten().tolist(),
                             victim.spec.embedding, victim.spec.ila, victim.spec.lpips)
     run = lambda: oracle.purify(v, torch.from_numpy(x).to(victim.mean.dtype), oracle.Recipe(**SHORT)).out.numpy()  # noqa: E731
@@ -313,7 +313,7 @@ def test_randomised_loop_draws_from_its_seed_on_every_runner(make, x8, victim20)
     """Random start + jittered blur: every runner stays in the eps ball and [0, 1]; one seed is one sequence of
     draws (``reseed`` replays it, the next call draws afresh); the reference given that seed starts GS and
     AP from the very same images and classifies the purified images as the runner does."""
-    from zeropur_export.reference import ReferencePurifier
+    from zeropur_export.reference.purifier import ReferencePurifier
     pur = make(**RANDOMISED)
     assert pur.cfg.randomised
     x = x8[:4]

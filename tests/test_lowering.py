@@ -5,8 +5,8 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from zeropur_export import lowering  # noqa: E402
-from zeropur_export.zoo import _OptionAShortcut  # noqa: E402
+from zeropur_export.graphs import decompositions as lowering, tracing  # noqa: E402
+from zeropur_export.victims.zoo import _OptionAShortcut  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
 
@@ -33,7 +33,7 @@ def _traced_vs_autograd(f, shape, batches=(3, 5), seed=0):
     def loss(x):
         return torch.sin(f(x)).sum()  # a non-uniform output gradient (cos(y))
 
-    gm = lowering.trace(torch.func.grad(loss), [torch.rand(batches[0], *shape, dtype=torch.float64)])
+    gm = tracing.trace(torch.func.grad(loss), [torch.rand(batches[0], *shape, dtype=torch.float64)])
     for b in batches:
         x = torch.randn(b, *shape, dtype=torch.float64)
         want = torch.func.grad(loss)(x)

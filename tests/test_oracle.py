@@ -38,7 +38,7 @@ def v64(victim20):
 @pytest.fixture(scope="module")
 def clean_and_pgd(victim20, cifar):
     """4 clean test images and 4 PGD-10 (8/255) images of the next 4, as float64."""
-    from zeropur_export.attacks import pgd_linf
+    from zeropur_export.attacks.pgd import pgd_linf
     x, y = cifar
     adv = pgd_linf(victim20, torch.from_numpy(x[4:8]), torch.from_numpy(y[4:8]), steps=10, seed=0)
     return torch.cat([torch.from_numpy(x[:4]), adv]).double()
@@ -81,7 +81,7 @@ def assert_same_run(ref, v64, x: torch.Tensor, cfg, recipe: oracle.Recipe) -> No
 def test_reference_is_the_oracle_on_the_paper_recipe(v64, clean_and_pgd):
     """The whole CIFAR recipe (10 GS + 50 AP steps) from the preset, against the oracle's own copy of the paper's
     numbers (not read from the config: a wrong preset or default is caught too)."""
-    from zeropur_export.reference import ReferencePurifier
+    from zeropur_export.reference.purifier import ReferencePurifier
     cfg = preset("cifar10")
     assert_same_run(ReferencePurifier(v64, cfg), v64, clean_and_pgd, cfg, oracle.Recipe())
 
@@ -91,7 +91,7 @@ def test_reference_is_the_oracle_on_the_paper_recipe(v64, clean_and_pgd):
 def test_reference_is_the_oracle_on_changed_recipes(v64, clean_and_pgd, change):
     """A changed eps (the AP step follows it by the config's rule; the oracle applies the paper's, eps / ap_steps)
     and the normalised ILA."""
-    from zeropur_export.reference import ReferencePurifier
+    from zeropur_export.reference.purifier import ReferencePurifier
     cfg = preset("cifar10").replace(**change)
     recipe = oracle.Recipe(**change)
     assert_same_run(ReferencePurifier(v64, cfg), v64, clean_and_pgd[2:6], cfg, recipe)
@@ -129,7 +129,7 @@ def test_gs_step_rules(v64, clean_and_pgd):
     (eps / gs_steps) follows eps and the step count, and the reference runs it as the oracle does."""
     import json
 
-    from zeropur_export.reference import ReferencePurifier
+    from zeropur_export.reference.purifier import ReferencePurifier
     from zeropur_rt.config import GS_STEP_RULES, ZeroPurConfig
     from zeropur_rt.errors import ConfigError
     for name in ("cifar10", "cifar100", "imagenet"):

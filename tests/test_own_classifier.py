@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zeropur_rt.data import load_cifar10_test, shared_dir
+from zeropur_export.data import load_cifar10_test, shared_dir
 
 torch = pytest.importorskip("torch")
 from zeropur_export.cli import main as export_main  # noqa: E402
@@ -78,8 +78,8 @@ def test_suggest_taps_prints_stages_and_explains_a_flat_network(capsys):
 
 
 def test_suggestions_match_the_zoo_declared_taps():
-    from zeropur_export.taps import suggest_taps
-    from zeropur_export.zoo import build_net
+    from zeropur_export.victims.taps import suggest_taps
+    from zeropur_export.victims.zoo import build_net
     for name in ("resnet20", "resnet50"):
         net, spec, _ = build_net(name)
         s = suggest_taps(net, spec.input_shape)
@@ -88,7 +88,7 @@ def test_suggestions_match_the_zoo_declared_taps():
 
 
 def test_victim_flag_errors_list_what_is_valid(data, tmp_path):
-    from zeropur_export.victim_cli import VictimError, add_victim_args, resolve_victim
+    from zeropur_export.victims.cli import VictimError, add_victim_args, resolve_victim
     import argparse
     ap = argparse.ArgumentParser()
     add_victim_args(ap)
@@ -116,8 +116,8 @@ def test_victim_flag_errors_list_what_is_valid(data, tmp_path):
 
 def test_own_resnet32_with_real_weights_is_the_zoo_resnet32(data):
     """--weights (DataParallel 'module.' keys) into the separately written module: same logits as the zoo's."""
-    from zeropur_export.victim_cli import add_victim_args, resolve_victim
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.victims.cli import add_victim_args, resolve_victim
+    from zeropur_export.victims.zoo import load_victim
     import argparse
     ap = argparse.ArgumentParser()
     add_victim_args(ap)

@@ -1,4 +1,4 @@
-"""The graph-parity rule (zeropur_export.parity.ParityRow.ok) must fail on a wrong sample and pass on float32 noise.
+"""The graph-parity rule (zeropur_export.graphs.parity.ParityRow.ok) must fail on a wrong sample and pass on float32 noise.
 
 Every export, fold, fast-runner and runtime parity test inherits this rule, so what it lets through they all let
 through. A sample whose gradient is zeroed (a lowering that drops a batch row, a runner that misses one output
@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from zeropur_export.parity import OrtGraphs, ParityRow, format_table, parity, parity_row  # noqa: E402
+from zeropur_export.graphs.parity import OrtGraphs, ParityRow, format_table, parity, parity_row  # noqa: E402
 
 
 class Corrupted:

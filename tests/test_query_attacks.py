@@ -1,4 +1,4 @@
-"""Black-box query attacks (``zeropur_export.query_attacks``) through the runtime Purifier on a real ResNet-20
+"""Black-box query attacks (``zeropur_export.attacks.query``) through the runtime Purifier on a real ResNet-20
 artifact, tiny budgets: what counts as a success, per-budget scoring, fresh draws, resuming."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("art")
 pytest.importorskip("torch")
 
-from zeropur_export import query_attacks as qa  # noqa: E402
+from zeropur_export.attacks import query as qa  # noqa: E402
 from zeropur_export.cli import main  # noqa: E402
 
 EPS = 8 / 255

@@ -4,8 +4,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zeropur_export.reference import (ReferencePurifier, ap_loss_recompute, ap_loss_terms, blur_torch,  # noqa: E402
-                                      input_grad)
+from zeropur_export.reference.losses import ap_loss_recompute, ap_loss_terms, blur_torch  # noqa: E402
+from zeropur_export.reference.purifier import ReferencePurifier  # noqa: E402
+from zeropur_export.reference.steps import input_grad  # noqa: E402
 from zeropur_rt.config import preset  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
@@ -38,7 +39,7 @@ def test_lean_and_recompute_gradients_teacher_forced(victim20, x64):
     """From the same iterate, lean and re-computing AP gradients differ by float32 noise only: the re-computing
     one (the released code's formulation) passes the graph-parity rule against the float64 truth, its float32
     spread measured by the lean one in torch's two float32 orders on the same inputs."""
-    from zeropur_export.parity import format_table, in_second_float32_order, parity_row
+    from zeropur_export.graphs.parity import format_table, in_second_float32_order, parity_row
     x_in = x64[:8]
     _, trace = ReferencePurifier(victim20, CFG).purify(x_in, iterates=True)
     coarse = torch.from_numpy(trace.coarse)
@@ -148,7 +149,7 @@ def test_bad_config_gives_clear_errors(field, value, msg):
 
 
 def test_gs_only_victim_refuses_ap_steps():
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.victims.zoo import load_victim
     v = load_victim("vgg19_bn", random_init=True)
     with pytest.raises(ValueError, match="Guided Shift only"):
         ReferencePurifier(v, CFG)

@@ -113,7 +113,7 @@ def test_single_image_session(art20, cifar):
 
 
 def test_input_forms_agree(art20, cifar):
-    from zeropur_rt.data import load_cifar10_test
+    from zeropur_export.data import load_cifar10_test
     u8, _ = load_cifar10_test(stop=2)
     p = Purifier.load(art20, overrides=dict(gs_steps=2, ap_steps=2))
     a = p.purify(cifar[0][:2])
@@ -200,7 +200,7 @@ def test_onnxruntime_gpu_providers_are_refused_clearly_where_absent(art20):
 
 def test_cli_purify_classify_info(art20, tmp_path, capsys):
     from zeropur_rt.cli import main
-    from zeropur_rt.data import load_cifar10_test
+    from zeropur_export.data import load_cifar10_test
     x, y = load_cifar10_test(stop=3)
     src = tmp_path / "in.npz"
     np.savez(src, x=x, y=y)
@@ -229,7 +229,7 @@ def test_cli_purify_classify_info(art20, tmp_path, capsys):
 
 def test_cli_set_overrides_and_refuses_baked_fields(art20, tmp_path, capsys):
     from zeropur_rt.cli import main
-    from zeropur_rt.data import load_cifar10_test
+    from zeropur_export.data import load_cifar10_test
     x, y = load_cifar10_test(stop=2)
     src = tmp_path / "in.npz"
     np.savez(src, x=x, y=y)
@@ -253,7 +253,7 @@ def test_cli_set_overrides_and_refuses_baked_fields(art20, tmp_path, capsys):
 
 
 def test_torch_backend_is_build_time_and_cuda_needs_a_gpu(art20, victim20):
-    from zeropur_export.torch_runner import load_purifier
+    from zeropur_export.reference.torch_runner import load_purifier
     with pytest.raises(ValueError, match="needs the build-time package"):
         Purifier.load(art20, backend="torch")
     if torch.cuda.is_available():

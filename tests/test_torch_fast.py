@@ -1,7 +1,7 @@
 """The fast torch runner (issue 18): folded BatchNorm, channels-last, torch.compile'd gradient graphs.
 
 It is another implementation of the reference's graphs, so it is judged as the exported graphs are
-(``zeropur_export.parity``: within 2x the float32 spread of two torch float32 implementations on the same
+(``zeropur_export.graphs.parity``: within 2x the float32 spread of two torch float32 implementations on the same
 inputs on this machine, against the float64 truth), and its whole loop against the reference's. Here on the
 CPU (inductor's C++ backend); on a GPU ``benchmarks.gpu_speed`` measures it with the CUDA graph.
 """
@@ -19,7 +19,7 @@ N = 8  # images: every graph call of this file has this batch, so each graph is 
 
 @pytest.fixture(scope="module")
 def fast20(art20, victim20):
-    from zeropur_export.torch_runner import load_purifier
+    from zeropur_export.reference.torch_runner import load_purifier
     with load_purifier(art20, victim=victim20, fast=True) as pur:
         yield pur
 
@@ -30,7 +30,7 @@ def x_n(cifar):
 
 
 def test_fast_graphs_pass_the_export_parity_rule(fast20, victim20, x_n):
-    from zeropur_export.parity import RunnerGraphs, format_table, parity
+    from zeropur_export.graphs.parity import RunnerGraphs, format_table, parity
 
     graphs = RunnerGraphs(fast20.runner, ("classifier", "gs_grad", "ap_setup", "ap_grad"), len(victim20.spec.ila))
     rows = parity(victim20, fast20.cfg, graphs, torch.from_numpy(x_n), "cifar10")
@@ -49,7 +49,7 @@ def test_fast_graphs_pass_the_export_parity_rule(fast20, victim20, x_n):
 def test_fast_loop_agrees_with_the_reference(fast20, victim20, x_n):
     """The whole recipe: the purified images classify as the reference's (the loop's float32 drift is the
     same as ONNX Runtime's; tests/test_runtime.py measures its floor), and stay in the eps ball."""
-    from zeropur_export.reference import ReferencePurifier
+    from zeropur_export.reference.purifier import ReferencePurifier
 
     out, pred = fast20.purify_and_classify(x_n)
     ref_out = ReferencePurifier(victim20, fast20.cfg).purify(torch.from_numpy(x_n))
@@ -64,9 +64,9 @@ def test_each_fast_runner_computes_with_its_own_weights(fast20, victim20, x_n):
     """Dynamo caches compilations per code object, shared by every runner, and inductor's freezing treats
     weights as constants: a second network of the same architecture, shapes and batch may share the first
     one's compilation, but never its weights."""
-    from zeropur_export.parity import RunnerGraphs, rel_err
-    from zeropur_export.torch_runner import TorchRunner
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.graphs.parity import RunnerGraphs, rel_err
+    from zeropur_export.reference.torch_runner import TorchRunner
+    from zeropur_export.victims.zoo import load_victim
 
     other = load_victim("resnet20", random_init=True, seed=3)
     n_ila = len(victim20.spec.ila)
@@ -81,8 +81,8 @@ def test_each_fast_runner_computes_with_its_own_weights(fast20, victim20, x_n):
 def test_bf16_is_a_different_precision(victim20, fast20, x_n):
     """bf16 (autocast) is opt-in: its gradients part from float32's by far more than float32 rounding, yet
     point the same way; gpu_speed measures what that does to the loop."""
-    from zeropur_export.parity import RunnerGraphs, rel_err
-    from zeropur_export.torch_runner import TorchRunner
+    from zeropur_export.graphs.parity import RunnerGraphs, rel_err
+    from zeropur_export.reference.torch_runner import TorchRunner
 
     n_ila = len(victim20.spec.ila)
     bf16 = RunnerGraphs(TorchRunner(victim20, fast20.cfg, precision="bf16"), ("gs_grad",), n_ila)
@@ -94,7 +94,7 @@ def test_bf16_is_a_different_precision(victim20, fast20, x_n):
 
 
 def test_fast_and_precision_options_are_checked(victim20, fast20):
-    from zeropur_export.torch_runner import TorchRunner
+    from zeropur_export.reference.torch_runner import TorchRunner
 
     cfg = fast20.cfg
     with pytest.raises(ValueError, match="tf32"):

@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from zeropur_export import reference as ref  # noqa: E402
+from zeropur_export.reference import losses as ref, steps  # noqa: E402
 from zeropur_rt.config import ZeroPurConfig  # noqa: E402
 from zeropur_rt.kernels import numpy_twin as twin  # noqa: E402
 
@@ -50,7 +50,7 @@ def case(rng, shape, exact: bool):
 
 
 def torch_gs(x, grad, m, x_in, cfg):
-    nx, nm = ref.gs_update(*(torch.from_numpy(a) for a in (x, grad, m)), torch.from_numpy(x_in), cfg)
+    nx, nm = steps.gs_update(*(torch.from_numpy(a) for a in (x, grad, m)), torch.from_numpy(x_in), cfg)
     return nx.numpy(), nm.numpy()
 
 
@@ -83,7 +83,7 @@ def test_ap_update_twins_are_bit_identical(shape):
     cfg = ZeroPurConfig(eps=6 / 255).replace(ap_steps=50)
     x, grad, _, x_in = case(seeded(shape, "ap"), shape, False)
     grad[..., ::3] = 0
-    got = ref.ap_update(torch.from_numpy(x), torch.from_numpy(grad), torch.from_numpy(x_in), cfg).numpy()
+    got = steps.ap_update(torch.from_numpy(x), torch.from_numpy(grad), torch.from_numpy(x_in), cfg).numpy()
     want = x.copy()
     twin.ap_update(want, grad, x_in, eps=cfg.eps, step=cfg.ap_step)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -207,15 +207,16 @@ def _tiny_artifact(d: Path) -> Path:
 
 
 def test_build_engines_cli_errors(tmp_path, capsys):
-    eng = pytest.importorskip("zeropur_export.engines")
-    assert eng.main_build_engines([str(tmp_path / "nothing")]) == 2
+    eng = pytest.importorskip("zeropur_export.engines.builder")
+    from zeropur_export.engines.cli import main_build_engines
+    assert main_build_engines([str(tmp_path / "nothing")]) == 2
     assert "nothing: no such directory" in capsys.readouterr().err
     art = _tiny_artifact(tmp_path / "art")
     with pytest.raises(SystemExit) as ei:  # argparse refuses an unknown precision
-        eng.main_build_engines([str(art), "--precision", "int8"])
+        main_build_engines([str(art), "--precision", "int8"])
     assert ei.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
     if not HAVE_TRT:
-        assert eng.main_build_engines([str(art)]) == 3
+        assert main_build_engines([str(art)]) == 3
         assert "TensorRT (>= 10)" in capsys.readouterr().err
     # the manifest is untouched by a failed build
     from zeropur_rt.manifest import load_manifest
@@ -224,7 +225,7 @@ def test_build_engines_cli_errors(tmp_path, capsys):
 
 
 def test_engines_up_to_date(tmp_path):
-    eng = pytest.importorskip("zeropur_export.engines")
+    eng = pytest.importorskip("zeropur_export.engines.builder")
     from zeropur_rt.manifest import load_manifest
     art = _tiny_artifact(tmp_path / "art")
     m = load_manifest(art)
@@ -244,7 +245,7 @@ def test_engines_up_to_date(tmp_path):
 def test_patch_upgrade_makes_engines_stale_for_builder_and_runtime(tmp_path):
     """Issue 16 item 6: after TensorRT 10.8.0 -> 10.8.1 the key (major.minor) is the same; the runtime
     refuses the 10.8.0 engines, so build-engines must rebuild them instead of calling them up to date."""
-    eng = pytest.importorskip("zeropur_export.engines")
+    eng = pytest.importorskip("zeropur_export.engines.builder")
     from zeropur_rt.manifest import load_manifest
     art = _tiny_artifact(tmp_path / "art")
     m = load_manifest(art)
@@ -284,10 +285,10 @@ def _tiny_onnx(path: Path) -> None:
 def test_onnx_fp16_copy_keeps_float32_io_and_runs(tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    eng = pytest.importorskip("zeropur_export.engines")
+    from zeropur_export.engines.fp16 import onnx_fp16_copy
     src, dst = tmp_path / "t.onnx", tmp_path / "t.fp16.onnx"
     _tiny_onnx(src)
-    eng.onnx_fp16_copy(src, dst)
+    onnx_fp16_copy(src, dst)
     m = onnx.load(str(dst))
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert [i.type.tensor_type.elem_type for i in m.graph.input] == [f32]
@@ -332,7 +333,7 @@ def _static_or_dynamic_artifact(d: Path, batch: dict) -> Path:
 
 
 def test_input_profile_accepts_fixed_batch_1_and_dynamic_ranges():
-    eng = pytest.importorskip("zeropur_export.engines")
+    eng = pytest.importorskip("zeropur_export.engines.builder")
     one = {"min": 1, "opt": 1, "max": 1}
     assert eng.input_profile("g", "x", (1, 3, 32, 32), one) == ((1, 3, 32, 32),) * 3
     assert eng.input_profile("g", "x", (-1, 3, 32, 32), BATCH) == ((1, 3, 32, 32), (32, 3, 32, 32), (256, 3, 32, 32))
@@ -345,7 +346,8 @@ def test_input_profile_accepts_fixed_batch_1_and_dynamic_ranges():
 
 @pytest.mark.parametrize("batch", [{"min": 1, "opt": 1, "max": 1}, {"min": 1, "opt": 8, "max": 16}])
 def test_build_plan_dry_run_without_tensorrt(tmp_path, capsys, batch):
-    eng = pytest.importorskip("zeropur_export.engines")
+    eng = pytest.importorskip("zeropur_export.engines.builder")
+    from zeropur_export.engines.cli import main_build_engines
     from zeropur_rt.manifest import load_manifest
     art = _static_or_dynamic_artifact(tmp_path / "art", batch)
     plan = eng.plan_build(art, load_manifest(art), "10.3.0.30", "8.7", "fp32")
@@ -353,7 +355,7 @@ def test_build_plan_dry_run_without_tensorrt(tmp_path, capsys, batch):
     assert [gp.engine for gp in plan.graphs] == ["classifier.sm87.trt10.3.fp32.engine", "gs_grad.sm87.trt10.3.fp32.engine"]
     want = tuple((batch[k], 3, 4, 4) for k in ("min", "opt", "max"))
     assert [gp.profiles for gp in plan.graphs] == [{"x": want}, {"x": want, "x_blur": want}]
-    assert eng.main_build_engines([str(art), "--dry-run", "--trt-version", "10.3.0.30", "--compute-capability", "8.7",
+    assert main_build_engines([str(art), "--dry-run", "--trt-version", "10.3.0.30", "--compute-capability", "8.7",
                                    "--precision", "fp16"]) == 0
     out = capsys.readouterr().out
     assert "sm87.trt10.3.fp16" in out and "strongly typed" in out and f"max ({batch['max']}, 3, 4, 4)" in out
@@ -363,9 +365,9 @@ def test_build_plan_dry_run_without_tensorrt(tmp_path, capsys, batch):
 def test_dry_run_without_versions_says_which_flag(tmp_path, capsys):
     if HAVE_TRT:
         pytest.skip("tensorrt is importable here: the dry run takes its version")
-    eng = pytest.importorskip("zeropur_export.engines")
+    from zeropur_export.engines.cli import main_build_engines
     art = _static_or_dynamic_artifact(tmp_path / "art", {"min": 1, "opt": 1, "max": 1})
-    assert eng.main_build_engines([str(art), "--dry-run"]) == 2
+    assert main_build_engines([str(art), "--dry-run"]) == 2
     assert "--trt-version" in capsys.readouterr().err
 
 

@@ -5,8 +5,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from zeropur_export.taps import TapSpec, make_victim  # noqa: E402
-from zeropur_export.zoo import ZOO, build_net, load_victim  # noqa: E402
+from zeropur_export.victims.taps import TapSpec, make_victim  # noqa: E402
+from zeropur_export.victims.zoo import ZOO, build_net, load_victim  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

@@ -1,6 +1,6 @@
 """The engine-record schema: how TensorRT engines are named, recorded in the manifest and selected.
 
-Build time (``zeropur_export.engines``) writes records, deploy time (``zeropur_rt.runners.tensorrt``)
+Build time (``zeropur_export.engines.builder``) writes records, deploy time (``zeropur_rt.runners.tensorrt``)
 selects one; both read this module, which needs neither TensorRT nor CUDA. One record per
 (compute capability, TensorRT version, precision) in the manifest's ``engines`` section::
 

@@ -19,7 +19,7 @@ def tiny_victim(seed: int = 0):
     import torch
     from torch import nn
 
-    from zeropur_export.taps import TapSpec, make_victim
+    from zeropur_export.victims.taps import TapSpec, make_victim
 
     torch.manual_seed(seed)
     net = nn.Sequential()
@@ -36,7 +36,7 @@ def tiny_victim(seed: int = 0):
 
 
 def export_tiny(out_dir: str | Path, force: bool = False, max_batch: int = 16) -> Path:
-    from zeropur_export.onnx_export import export_artifacts
+    from zeropur_export.graphs.onnx_export import export_artifacts
     from zeropur_rt.config import preset
 
     return export_artifacts(tiny_victim(), preset("cifar10", **TINY_CONFIG), out_dir, model="tiny",

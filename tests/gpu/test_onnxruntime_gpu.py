@@ -34,11 +34,11 @@ def test_every_graph_matches_the_cpu_provider(art20, cifar, provider):
     coarse = np.clip(x + cpu.cfg.eps * np.sign(np.random.default_rng(0).random(x.shape) - 0.5), 0, 1).astype(np.float32)
     feeds = {"classifier": {"x": x}, "gs_grad": {"x": x, "x_blur": xb}, "ap_setup": {"x_in": x, "coarse": coarse},
              "ap_grad": cpu.run_graph("ap_setup", {"x_in": x, "coarse": coarse}) | {"fine": coarse}}
-    # judged by the CPU tests' rule (zeropur_export.parity.ParityRow.ok) against the float64 reference on the GPU,
+    # judged by the CPU tests' rule (zeropur_export.graphs.parity.ParityRow.ok) against the float64 reference on the GPU,
     # its float32 spread and flips measured by torch on the GPU in cuDNN's order and in its second (cuDNN off)
-    from zeropur_export.parity import (ABS_FLOOR, ParityRow, conditioning_floor, format_table, in_second_float32_order,
+    from zeropur_export.graphs.parity import (ABS_FLOOR, ParityRow, conditioning_floor, format_table, in_second_float32_order,
                                        parity_row, torch_outputs)
-    from zeropur_export.zoo import load_victim
+    from zeropur_export.victims.zoo import load_victim
     v32 = load_victim("resnet20").to("cuda")
     v64 = v32.to_dtype(torch.float64)
     rows: list[ParityRow] = []

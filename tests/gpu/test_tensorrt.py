@@ -26,7 +26,7 @@ if not _ok:
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from zeropur_export.engines import build_engines  # noqa: E402
+from zeropur_export.engines.builder import build_engines  # noqa: E402
 from zeropur_rt import engine_record as bt  # noqa: E402
 from zeropur_rt.manifest import load_manifest  # noqa: E402
 from zeropur_rt.pipeline import Purifier  # noqa: E402
@@ -75,7 +75,7 @@ def test_engines_built_and_recorded(trt_art20):
 
 
 def test_resnet56_engines_build(victim56, tmp_path):
-    from zeropur_export.onnx_export import export_artifacts
+    from zeropur_export.graphs.onnx_export import export_artifacts
     from zeropur_rt.config import preset
     art = export_artifacts(victim56, preset("cifar10"), tmp_path / "r56", model="resnet56", batch=(1, 8, 16))
     rec = build_engines(art, precision="fp32")
@@ -88,7 +88,8 @@ def test_resnet56_engines_build(victim56, tmp_path):
 
 
 def test_fp32_gradients_match_onnxruntime_and_torch(pur_trt, pur_ort, victim20, cifar):
-    from zeropur_export.reference import ReferencePurifier, blur_torch
+    from zeropur_export.reference.losses import blur_torch
+    from zeropur_export.reference.purifier import ReferencePurifier
     x = cifar[0][:16]
     xb = blur_torch(torch.from_numpy(x), pur_trt.cfg.blur_sigma).numpy()
     coarse = np.clip(x + pur_trt.cfg.eps * np.sign(np.random.default_rng(0).random(x.shape) - 0.5), 0, 1).astype(np.float32)
@@ -105,7 +106,7 @@ def test_fp32_gradients_match_onnxruntime_and_torch(pur_trt, pur_ort, victim20, 
 
 
 def test_teacher_forced_parity_on_tensorrt(pur_trt, victim20, cifar):
-    """Every call passes the CPU tests' rule (zeropur_export.parity.ParityRow.ok), its float32 spread and flips
+    """Every call passes the CPU tests' rule (zeropur_export.graphs.parity.ParityRow.ok), its float32 spread and flips
     measured by the references on this GPU: cuDNN's order and torch's second order (cuDNN off)."""
     from benchmarks.runtime_parity import summary, teacher_forced
     rows = teacher_forced(pur_trt, victim20.to_dtype(torch.float32).to("cuda"), cifar[0][:16])
@@ -237,7 +238,7 @@ def test_logger_reports_errors_to_later_users(tmp_path):
 
 def test_batch1_artifact_builds_and_runs(victim20, cifar, pur_ort, tmp_path):
     """Issue 16 item 1: a --max-batch 1 export (static shapes) gets engines (profile min = opt = max = 1)."""
-    from zeropur_export.onnx_export import export_artifacts
+    from zeropur_export.graphs.onnx_export import export_artifacts
     from zeropur_rt.config import preset
     art = export_artifacts(victim20, preset("cifar10"), tmp_path / "b1", model="resnet20", batch=(1, 1, 1))
     rec = build_engines(art, precision="fp32")

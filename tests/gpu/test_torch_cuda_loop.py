@@ -17,8 +17,8 @@ _ok, _why = zc.cuda_python_available()
 if not _ok:
     pytest.skip(f"no GPU path: {_why}", allow_module_level=True)
 
-from zeropur_export.reference import TorchKernels  # noqa: E402
-from zeropur_export.torch_runner import load_purifier  # noqa: E402
+from zeropur_export.reference.steps import TorchKernels  # noqa: E402
+from zeropur_export.reference.torch_runner import load_purifier  # noqa: E402
 from zeropur_rt.pipeline import Purifier  # noqa: E402
 
 

@@ -4,7 +4,7 @@
 * ``tensorrt``: prebuilt TensorRT engines on device buffers, CUDA-graph capture of the whole loop.
 
 The torch runner (the reference's own gradients, CPU or CUDA) needs the build-time package:
-``zeropur_export.torch_runner``. Heavy imports happen inside the runners' constructors.
+``zeropur_export.reference.torch_runner``. Heavy imports happen inside the runners' constructors.
 """
 from __future__ import annotations
 
@@ -26,6 +26,6 @@ def load_runner(backend: str, artifact_dir: Path, manifest: Manifest, device: st
         return TensorRTRunner(artifact_dir, manifest, device, **kwargs)
     if backend == "torch":
         raise ValueError("backend 'torch' runs the reference's gradients and needs the build-time package: "
-                         "zeropur_export.torch_runner.load_purifier(artifact_dir, device=...) "
+                         "zeropur_export.reference.torch_runner.load_purifier(artifact_dir, device=...) "
                          "(pip install 'zeropur-rt[export]')")
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from .api import CalibrationResult, EvaluationResult, calibrate, check_settings, evaluate_configs
 from .common import EXIT_BAD_INPUT, EXIT_NO_FEASIBLE, CalibError, cfg_key, cfg_label
-from .evaluator import Evaluator, Record
+from .scorer import ConfigScorer, Record
 from .search import Grid
 
-__all__ = ["CalibError", "CalibrationResult", "EXIT_BAD_INPUT", "EXIT_NO_FEASIBLE", "EvaluationResult", "Evaluator",
+__all__ = ["CalibError", "CalibrationResult", "EXIT_BAD_INPUT", "EXIT_NO_FEASIBLE", "EvaluationResult", "ConfigScorer",
            "Grid", "Record", "calibrate", "cfg_key", "cfg_label", "check_settings", "evaluate_configs"]

@@ -11,14 +11,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from zeropur_export.reference import ReferencePurifier
-from zeropur_export.taps import Victim
+from zeropur_export.reference.purifier import ReferencePurifier
+from zeropur_export.victims.taps import Victim
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.progress import progress as progress_bar
 
-from .attack import apgd_images, attacked_images
+from .attacked_images import apgd_images, attacked_images
 from .common import ATTACK, CalibError, cfg_label, labelled, paper_config, predict
-from .evaluator import OBJECTIVES, WORST_OF, Evaluator
+from .scorer import OBJECTIVES, WORST_OF, ConfigScorer
 from .record_cache import load_records, save_records
 from .report import rows_table, write_calibration, write_evaluation
 from .search import Grid, run_search
@@ -136,7 +136,7 @@ def calibrate(victim: Victim, x: Any, y: Any, *, max_clean_drop: float = 3.0, mi
     if objective == "worst":
         blocks = _worst_case_attacks(victim, xt, ys, adv, info, batch, progress, apgd_iter, bpda_steps, seed,
                                      first_row, log)
-    ev = Evaluator(victim, xt, blocks, ys, batch, progress, objective=objective,
+    ev = ConfigScorer(victim, xt, blocks, ys, batch, progress, objective=objective,
                    bpda_steps=bpda_steps if objective == "worst" else 0, seed=seed, first_row=first_row)
     log(f"PGD-{attack_steps} {'(cached) ' if info['attack_cached'] else ''}{pgd_seconds:.0f} s; unpurified "
         f"clean {100 * ev.base_clean.mean():.1f}%, PGD {100 * ev.base_adv.mean():.1f}%")

@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from zeropur_rt.data import to_nchw_float  # noqa: E402
+from zeropur_export.data import to_nchw_float  # noqa: E402
 
 from .api import calibrate, check_settings, evaluate_configs  # noqa: E402
 from .common import (ATTACK, DEFAULT_CALIB_ROWS, EVAL_ROWS, EXIT_BAD_INPUT, EXIT_NO_FEASIBLE, CalibError,  # noqa: E402
@@ -54,7 +54,7 @@ def _flag(field: str) -> str:
 
 
 def _common_flags(ap: argparse.ArgumentParser, device_help: str) -> None:
-    from zeropur_export.victim_cli import add_victim_args
+    from zeropur_export.victims.cli import add_victim_args
     add_victim_args(ap, weights=False)
     ap.add_argument("--resize", choices=["crop", "refuse"], default="crop",
                     help="--data images of another size: scale to cover + centre crop (default), or refuse")

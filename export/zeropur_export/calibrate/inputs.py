@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from zeropur_export.weights import KNOWN_WEIGHTS, find_weights
-from zeropur_export.zoo import load_victim, zoo_names
+from zeropur_export.victims.weights import KNOWN_WEIGHTS, find_weights
+from zeropur_export.victims.zoo import load_victim, zoo_names
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt import sources
-from zeropur_rt.data import load_cifar10_test
+from zeropur_export.data import load_cifar10_test
 from zeropur_rt.files import sha256_file
 
 from .common import CalibError, paper_config
@@ -109,7 +109,7 @@ def load_model(model: str, weights: str | None) -> tuple[Any, str, str]:
 
 def resolve(args: Any) -> Any:
     """The --victim flags as a ``victim_cli.ResolvedVictim``; every problem a CalibError."""
-    from zeropur_export.victim_cli import resolve_victim
+    from zeropur_export.victims.cli import resolve_victim
     try:
         return resolve_victim(args, weights=args.weights)
     except ValueError as e:  # VictimError, and weights that do not fit
@@ -121,7 +121,7 @@ def load_victim_data(path: str, victim: Any, resize: str) -> tuple[np.ndarray, n
 
     The rows are dealt out class by class (``stratified_order``) so that every slice and every prefix the
     search takes is about class-balanced; the first half of that order is the evaluation slice."""
-    from zeropur_export.build import victim_data
+    from zeropur_export.artifacts import victim_data
     try:
         ds, split = victim_data(path, victim, resize, labels=True)
     except ValueError as e:  # DataError

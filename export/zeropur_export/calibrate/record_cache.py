@@ -17,12 +17,12 @@ from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.files import atomic_write_json, read_json_object
 
 from .common import CalibError, cfg_key
-from .evaluator import Evaluator, Record
+from .scorer import ConfigScorer, Record
 
 FORMAT = 1
 
 
-def fingerprint(ev: Evaluator) -> str:
+def fingerprint(ev: ConfigScorer) -> str:
     """What the records depend on: victim parameters, every image block, labels, objective settings."""
     h = hashlib.sha256()
     for t in list(ev.victim.parameters()) + list(ev.victim.buffers()):
@@ -33,13 +33,13 @@ def fingerprint(ev: Evaluator) -> str:
     return h.hexdigest()
 
 
-def save_records(ev: Evaluator, path: Path) -> None:
+def save_records(ev: ConfigScorer, path: Path) -> None:
     recs = [dict(config=r.cfg.to_dict(), stage=r.stage, n=r.n, seconds=r.seconds, stages=r.stages,
                  ok={k: "".join("1" if v else "0" for v in a) for k, a in r.ok.items()}) for r in ev.records.values()]
     atomic_write_json(path, dict(format=FORMAT, fingerprint=fingerprint(ev), records=recs))
 
 
-def load_records(ev: Evaluator, path: Path) -> int:
+def load_records(ev: ConfigScorer, path: Path) -> int:
     """Records of an earlier run on the same inputs into ``ev``; how many (0 for a missing or foreign cache)."""
     if not path.is_file():
         return 0

@@ -11,11 +11,11 @@ from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from .common import cfg_label, paper_config
-from .evaluator import Evaluator, Record
+from .scorer import ConfigScorer, Record
 from .search import feasible
 
 
-def rows_table(ev: Evaluator, recs: list[Record], chosen: Record | None, budget: float) -> list[dict[str, Any]]:
+def rows_table(ev: ConfigScorer, recs: list[Record], chosen: Record | None, budget: float) -> list[dict[str, Any]]:
     """One JSON row per config tried, on the rows it reached."""
     rows = []
     for r in recs:

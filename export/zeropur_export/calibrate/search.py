@@ -16,7 +16,7 @@ import numpy as np
 from zeropur_rt.config import preset_for_shape, resolution_scale
 
 from .common import CalibError, cfg_label, paper_config
-from .evaluator import Evaluator, Record
+from .scorer import ConfigScorer, Record
 
 
 AXES = ("sigma", "eps_255", "gs_steps", "gs_step_255", "ap_steps", "ila")  # the grid proper: its product is tried
@@ -156,12 +156,12 @@ def acceptable(ev: HasStats, r: Any, budget: float, min_gain: float) -> bool:
     return feasible(ev, r, budget) and s["robust"] >= s["robust_base"] + min_gain - 1e-9
 
 
-def short(ev: Evaluator, r: Record) -> str:
+def short(ev: ConfigScorer, r: Record) -> str:
     s = ev.stats(r)
     return f"[{cfg_label(r.cfg)}] clean {s['clean_purified']:.1f}/{s['clean']:.1f} rob {s['robust']:.1f} (n={s['n']})"
 
 
-def run_search(ev: Evaluator, grid: Grid, stage_n: Sequence[int], max_clean_drop: float, min_robust_gain: float,
+def run_search(ev: ConfigScorer, grid: Grid, stage_n: Sequence[int], max_clean_drop: float, min_robust_gain: float,
                log: Callable[[str], None]) -> tuple[Record | None, list[str]]:
     """(the chosen record or None, notes on the search's detours)."""
     n1, n2, n3 = stage_n

@@ -1,0 +1,163 @@
+"""What the build-time jobs (demo, bench, eval) share: recipes, the export-once helper, a purifier on any backend.
+
+A recipe is a ZeroPurConfig with a name: ``paper`` (the model's preset, the released code's recipe),
+``calibrated`` (the recipe shipped in ``recipes/`` for this model's pretrained weights), or a JSON file.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from zeropur_rt.config import ZeroPurConfig, apply_overrides, parse_sets, preset, preset_for_shape
+from zeropur_rt.errors import ConfigError
+from zeropur_rt.files import read_json_object, sha256_file
+from zeropur_rt.manifest import MANIFEST, load_manifest
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def build_config(preset_name: str, config_file: str | Path | None = None, sets: Sequence[str] = (),
+                 input_shape: Sequence[int] | None = None) -> tuple[ZeroPurConfig, dict[str, Any] | None]:
+    """Preset (at ``input_shape``'s resolution, by ``preset_for_shape``), then a config file (a ZeroPurConfig
+    JSON, as calibration writes it), then ``--set`` pairs.
+
+    Returns the config and the provenance the manifest records (None without a file).
+    """
+    cfg = preset_for_shape(input_shape, preset_name) if input_shape is not None else preset(preset_name)
+    calibration = None
+    if config_file:
+        raw = read_json_object(config_file, ConfigError, "config file")
+        calibration = {"config_file": Path(config_file).name, "sha256": sha256_file(config_file)}  # provenance
+        if "_budget" in raw:  # a calibration that found nothing wrote its closest miss, marked
+            calibration["budget"] = str(raw["_budget"])
+            print(f"warning: {config_file} {raw['_budget']} (its calibration found no config within budget)",
+                  file=sys.stderr)
+        cfg = ZeroPurConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in raw.items() if not k.startswith("_")}})
+    return apply_overrides(cfg, parse_sets(sets)), calibration
+
+
+def shipped_recipe(model: str) -> Path | None:
+    """The calibrated recipe shipped for ``model``'s pretrained weights, if there is one."""
+    path = RECIPES_DIR / f"{model}_calibrated.json"
+    return path if path.is_file() else None
+
+
+def default_recipe(model: str) -> str:
+    """The best recipe we ship for ``model``: its calibrated one where it exists, else the paper's."""
+    return "calibrated" if shipped_recipe(model) else "paper"
+
+
+def recipe_config(model: str, recipe: str) -> tuple[str, ZeroPurConfig, dict[str, Any] | None]:
+    """(name, config, provenance) of ``recipe``: "paper", "calibrated" or a JSON file."""
+    from zeropur_export.victims.zoo import ZOO
+    if model not in ZOO:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(ZOO))}")
+    if recipe == "paper":
+        return recipe, preset(ZOO[model][2]), None
+    if recipe == "calibrated":
+        path = shipped_recipe(model)
+        if path is None:
+            shipped = sorted(p.stem.removesuffix("_calibrated") for p in RECIPES_DIR.glob("*_calibrated.json"))
+            raise ValueError(f"no calibrated recipe ships for {model} (only for {', '.join(shipped)}): use --recipe "
+                             f"paper, or calibrate one (zeropur-export calibrate --model {model}) and pass its JSON")
+        return recipe, *build_config(ZOO[model][2], path)
+    if not Path(recipe).is_file():
+        raise ValueError(f"--recipe takes paper, calibrated or a config JSON file; {recipe!r} is none of these")
+    return Path(recipe).stem, *build_config(ZOO[model][2], recipe)
+
+
+def describe(cfg: ZeroPurConfig) -> str:
+    """The recipe in one line, in the units the README's tables use."""
+    ila = f"ILA {cfg.ila_weight:g}" + (" (normalised)" if cfg.ila_normalized else "")
+    sigma = f"sigma {cfg.blur_sigma:g}" + (f" x U(1 -/+ {cfg.blur_sigma_jitter:g})" if cfg.blur_sigma_jitter else "")
+    return (f"{sigma}, eps {cfg.eps * 255:.3g}/255, GS {cfg.gs_steps} x {cfg.gs_step * 255:.3g}/255, "
+            f"AP {cfg.ap_steps} x {cfg.ap_step * 255:.3g}/255, {ila}" + (", random start" if cfg.random_start else ""))
+
+
+def recipe_artifacts(model: str, recipe: str, artifacts: str | Path | None = None,
+                     log: Callable[[str], None] = print) -> tuple[str, Path]:
+    """(recipe name, artifact directory) of ``model`` with ``recipe``: ``artifacts`` or artifacts/<model>-<recipe>,
+    exported if missing. A directory exported with another config is refused, so the name printed is what runs."""
+    name, cfg, calibration = recipe_config(model, recipe)
+    out = Path(artifacts or f"artifacts/{model}-{name}")
+    return name, ensure_artifacts(model, out, cfg, log=log, calibration=calibration)
+
+
+def ensure_artifacts(model: str, out_dir: str | Path, cfg: ZeroPurConfig | None = None,
+                     log: Callable[[str], None] = print, calibration: dict[str, Any] | None = None) -> Path:
+    """``out_dir`` if it already holds a valid artifact directory, else export ``model`` (real weights) into it.
+
+    An existing but invalid directory is an error (never silently overwritten); so is one exported with
+    a config other than ``cfg`` (when given). One that an exporter of another graph revision wrote is used,
+    and ``log`` says so: it computes the same, but timings of it are not this exporter's graphs'.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).is_file():
+        m = load_manifest(out_dir)
+        if m.model != model:
+            raise ValueError(f"{out_dir} holds {m.model}, not {model}; remove it or pick another --artifacts dir")
+        if cfg is not None and m.zeropur_config != cfg:  # dataclasses: a field added since export takes its default
+            raise ValueError(f"{out_dir} was exported with another config; remove it or pick another --artifacts dir")
+        from zeropur_export.graphs.onnx_export import GRAPH_REVISION
+        # before revisions were recorded, revision 2 came with BatchNorm folding (tools.bn_folded)
+        rev = m.tools.get("graph_revision") or ("2" if "bn_folded" in m.tools else "1")
+        if rev != str(GRAPH_REVISION):
+            log(f"note: {out_dir} holds graphs of revision {rev}, this exporter writes revision {GRAPH_REVISION}: "
+                "they compute the same, without the newer graph optimisations (revision 2: BatchNorm folded into "
+                "the convolutions); remove the directory to export it again")
+        return out_dir
+    from zeropur_export.graphs.onnx_export import export_artifacts
+    from zeropur_export.victims.weights import find_weights
+    from zeropur_export.victims.zoo import ZOO, load_victim
+    if model not in ZOO:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(ZOO))}")
+    weights = find_weights(model)
+    cfg = cfg or preset(ZOO[model][2])
+    log(f"exporting {model} to {out_dir} (once) ...")
+    return export_artifacts(load_victim(model, weights=str(weights)), cfg, out_dir, model=model,
+                            weights_sha256=sha256_file(weights), calibration=calibration, log=log)
+
+
+def load_backend(artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
+                 threads: int | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """A ``zeropur_rt.Purifier`` over an artifact directory on a runtime backend, or on ``torch`` (the reference's
+    gradients behind the same loop). Overrides of the loss weights baked into the graphs are refused."""
+    if backend == "torch":
+        from zeropur_export.reference.torch_runner import load_purifier
+        return load_purifier(artifact_dir, device or "cpu", overrides=overrides, threads=threads)
+    from zeropur_rt.pipeline import Purifier
+    return Purifier.load(artifact_dir, backend, device, threads=threads, overrides=overrides)
+
+
+def victim_data(path: str | Path, victim: Any, resize: str = "crop", labels: bool = True) -> tuple[Any, dict[str, Any]]:
+    """A user's image set at ``victim``'s input shape (a ``zeropur_rt.datasets.ImageSet``) and how it was split.
+
+    Labelled rows are dealt out class by class (``stratified_order``), so every slice and prefix is about
+    class-balanced; the first half of that order is the evaluation slice, the second the calibration slice."""
+    from zeropur_rt.datasets import read_dataset, stratified_order
+    ds = read_dataset(path, victim.spec.input_shape, resize=resize, labels=labels, num_classes=victim.spec.num_classes)
+    if ds.y is not None:
+        ds = ds.take(stratified_order(ds.y))
+    split = dict(order="class-interleaved (zeropur_rt.datasets.stratified_order)" if ds.y is not None else "file order",
+                 n_data=len(ds), eval_rows=[0, len(ds) // 2], classes=ds.classes, resize=resize)
+    return ds, split
+
+
+def victim_artifacts(rv: Any, out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """The artifact directory of a resolved ``--victim`` (``victim_cli.ResolvedVictim``): ``out_dir`` (default
+    artifacts/<name>-paper) if it holds this victim, else exported there with the paper recipe at its resolution.
+    A directory that holds another model or other weights is refused, never overwritten."""
+    from zeropur_export.victims.cli import preset_name
+    out = Path(out_dir or f"artifacts/{rv.name}-paper")
+    if (out / MANIFEST).is_file():
+        m = load_manifest(out)
+        if m.model != rv.name or (rv.weights_sha256 and m.weights_sha256 != rv.weights_sha256):
+            raise ValueError(f"{out} holds {m.model} (weights {str(m.weights_sha256)[:12]}), not {rv.name} (weights "
+                             f"{str(rv.weights_sha256)[:12]}); remove it or pick another --artifacts dir")
+        return out
+    from zeropur_export.graphs.onnx_export import export_artifacts
+    cfg, _ = build_config(preset_name(rv), input_shape=rv.victim.spec.input_shape)
+    log(f"exporting {rv.name} to {out} (once) ...")
+    return export_artifacts(rv.victim, cfg, out, model=rv.name, weights_sha256=rv.weights_sha256,
+                            taps_source=rv.taps_source, log=log)

@@ -1,0 +1,1 @@
+"""Measuring: ``zeropur-export bench`` (latency, cost model, steps sweep) and ``demo``."""

@@ -1,0 +1,1 @@
+"""TensorRT engines for an artifact, and the Polygraphy check of its graphs."""

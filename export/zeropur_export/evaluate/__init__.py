@@ -1,0 +1,1 @@
+"""``zeropur-export eval``: robust accuracy of a victim with and without ZeroPur."""

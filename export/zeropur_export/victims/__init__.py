@@ -1,0 +1,1 @@
+"""Victims: the zoo of classifiers, their taps, weights, the BatchNorm fold, and the flags that name a victim."""
