@@ -11,7 +11,7 @@ sample is but as many ReLU-mask flips as torch's second float32 order takes, eac
 the shared folder), seeded random weights otherwise; CIFAR-10 test images where available.
 
 This is where WRN-28-10 and ResNet-50 are judged at full size (about 10 minutes on 2 cores); CI's
-tests/test_export.py runs the same architectures reduced (WRN-16-2; ResNet-50 with two blocks per stage
+tests/export/test_export.py runs the same architectures reduced (WRN-16-2; ResNet-50 with two blocks per stage
 at 64x64): the same blocks, shortcuts and pooling, hence the same lowerings.
 """
 from __future__ import annotations

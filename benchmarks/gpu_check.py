@@ -6,7 +6,7 @@
 2. The torch runner on CUDA + our CUDA kernels, the full loop on the device (the one pipeline):
    pytest tests/gpu/test_torch_cuda_loop.py; eager vs CUDA graph bit for bit and vs the reference's
    torch kernels on the same runner, 64 images; vs the torch reference on ``--parity-n`` real images,
-   clean and PGD-20. tests/test_loop.py runs the shared loop tests on every runner the GPU adds.
+   clean and PGD-20. tests/export/test_loop.py runs the shared loop tests on every runner the GPU adds.
 3. TensorRT, if importable: pytest tests/gpu/test_tensorrt.py (engine builds incl. batch 1, FP32 parity,
    Purifier and its CUDA graph replay vs the torch reference, a failed capture); onnxruntime's CUDA / TensorRT execution
    providers where onnxruntime-gpu is installed: pytest tests/gpu/test_onnxruntime_gpu.py.

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("zeropur_rt", "export", "tests", "benchmarks", "pyproject.toml")
 # The fast part of the suite, cheapest first (-x stops at the first failure): kernel twins, the oracle, then the
 # tests that need ResNet-20 exported (fold, graph parity, the loop's runners against the oracle).
-FAST = ("tests/test_torch_twins.py", "tests/test_kernels.py::test_gs_update_host_equals_twin",
-        "tests/test_kernels.py::test_ap_update_host_equals_twin", "tests/test_kernels.py::test_blur_odd_shapes",
-        "tests/test_kernels.py::test_exact_clip_boundary_ties", "tests/test_oracle.py",
-        "tests/test_fold.py::test_folded_victim_agrees_within_float32_spread",
-        "tests/test_parity_rule.py::test_todays_export_passes_and_a_zeroed_sample_fails[8]")
+FAST = ("tests/export/test_torch_twins.py", "tests/rt/test_kernels.py::test_gs_update_host_equals_twin",
+        "tests/rt/test_kernels.py::test_ap_update_host_equals_twin", "tests/rt/test_kernels.py::test_blur_odd_shapes",
+        "tests/rt/test_kernels.py::test_exact_clip_boundary_ties", "tests/export/test_oracle.py",
+        "tests/export/test_fold.py::test_folded_victim_agrees_within_float32_spread",
+        "tests/export/test_parity_rule.py::test_todays_export_passes_and_a_zeroed_sample_fails[8]")
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,15 @@ def _one_step_fewer(steps: str) -> tuple[str, str]:
     return head + "):", head + " - 1):"
 
 
-REF, SCHED, TWIN = "export/zeropur_export/reference/losses.py", "zeropur_rt/schedule.py", "zeropur_rt/kernels/numpy_twin.py"
+LOSSES, STEPS = "export/zeropur_export/reference/losses.py", "export/zeropur_export/reference/steps.py"
+SCHED, TWIN = "zeropur_rt/schedule.py", "zeropur_rt/kernels/numpy_twin.py"
 CONFIG = "zeropur_rt/config.py"
 MUTANTS = (
-    Mutant("gs-sign", "GS", REF, "return _step_and_clip(x, m, x_in, cfg.eps, cfg.gs_step, sign), m",
+    Mutant("gs-sign", "GS", STEPS, "return _step_and_clip(x, m, x_in, cfg.eps, cfg.gs_step, sign), m",
            "return _step_and_clip(x, -m, x_in, cfg.eps, cfg.gs_step, sign), m", "the GS step climbs the loss"),
     Mutant("gs-sign-kernel", "GS", TWIN, "x2[...] = _project(x2 - F32(step) * _sign(mv)",
            "x2[...] = _project(x2 + F32(step) * _sign(mv)", "the numpy twin's GS step climbs the loss"),
-    Mutant("gs-l1-over-batch", "GS", REF, "l1 = a.flatten(1).sum(1).view(-1, 1, 1, 1) if cfg.l1_scope == \"sample\"",
+    Mutant("gs-l1-over-batch", "GS", STEPS, "l1 = a.flatten(1).sum(1).view(-1, 1, 1, 1) if cfg.l1_scope == \"sample\"",
            "l1 = a.sum().view(1, 1, 1, 1) if cfg.l1_scope == \"sample\"", "per-sample L1 norm taken over the batch"),
     Mutant("gs-momentum-0.9", "GS", CONFIG, "    momentum: float = 1.0\n", "    momentum: float = 0.9\n",
            "momentum 0.9 instead of 1"),
@@ -71,16 +72,16 @@ MUTANTS = (
     Mutant("gs-blur-target-stale", "GS", SCHED, "    kernels.blur(b.x, b.x_blur, ", "    kernels.blur(b.x_in, b.x_blur, ",
            "the blurred target is the input's, not re-computed from each iterate"),
     Mutant("gs-one-step-fewer", "GS", SCHED, *_one_step_fewer("gs_steps"), "one GS step fewer"),
-    Mutant("ap-ila-reversed", "AP", REF, "        d = t_c[name] - t_in[name]\n", "        d = t_in[name] - t_c[name]\n",
+    Mutant("ap-ila-reversed", "AP", LOSSES, "        d = t_c[name] - t_in[name]\n", "        d = t_in[name] - t_c[name]\n",
            "the ILA direction reversed (exported graphs inherit it)"),
-    Mutant("ap-lpips-dropped", "AP", REF, "    return cfg.ila_weight * ila + cfg.lpips_weight * lp\n\n\ndef ap_loss_recompute",
+    Mutant("ap-lpips-dropped", "AP", LOSSES, "    return cfg.ila_weight * ila + cfg.lpips_weight * lp\n\n\ndef ap_loss_recompute",
            "    return cfg.ila_weight * ila + 0 * lp\n\n\ndef ap_loss_recompute", "the LPIPS term dropped"),
-    Mutant("ap-clip-one-side", "AP", REF, "x = torch.minimum(torch.maximum(x, x_in - eps), x_in + eps)",
+    Mutant("ap-clip-one-side", "AP", STEPS, "x = torch.minimum(torch.maximum(x, x_in - eps), x_in + eps)",
            "x = torch.minimum(x, x_in + eps)", "the eps clip missing below"),
     Mutant("ap-one-step-fewer", "AP", SCHED, *_one_step_fewer("ap_steps"), "one AP step fewer"),
-    Mutant("graph-sample-zeroed", "graphs", "export/zeropur_export/graphs/onnx_export.py",
+    Mutant("graph-sample-zeroed", "graphs", "export/zeropur_export/reference/graph_functions.py",
            "        return gs_loss(victim, x, x_blur)\n",
-           "        return gs_loss(victim, torch.cat([x[:1].detach(), x[1:]]), x_blur)\n",
+           "        import torch\n        return gs_loss(victim, torch.cat([x[:1].detach(), x[1:]]), x_blur)\n",
            "the exported gs_grad graph drops the first sample's gradient"),
     Mutant("graph-bn-fold-eps", "graphs", "export/zeropur_export/victims/fold.py", "scale = torch.rsqrt(var + bn.eps)",
            "scale = torch.rsqrt(var + 1e-3)", "BatchNorm folded with epsilon 1e-3 instead of the layer's"),

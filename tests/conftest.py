@@ -1,10 +1,25 @@
-"""Shared fixtures: real data and weights from the shared folder, skipped with a reason when absent."""
+"""Shared fixtures: real data and weights from the shared folder, skipped with a reason when absent.
+
+Deploy-safe: only numpy and ``zeropur_rt`` at import (``tests/rt`` runs in an install without torch); the build
+side is imported inside the fixtures that export, and ``$ZEROPUR_TEST_ART20`` spares even those.
+"""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from zeropur_export.data import cifar10_test_path, load_cifar10_test, shared_dir, to_nchw_float
+from zeropur_rt import sources
+
+
+def shared_dir() -> Path:
+    return sources.shared_dir()
+
+
+def cifar10_test_path() -> Path:
+    return shared_dir() / "data" / sources.CIFAR10_NPZ
 
 
 def _need(path, what: str):
@@ -13,11 +28,18 @@ def _need(path, what: str):
 
 
 @pytest.fixture(scope="session")
-def cifar():
-    """Rows 0..999 of the CIFAR-10 test copy as (float32 NCHW in [0,1], int64 labels)."""
+def cifar_uint8():
+    """Rows 0..999 of the CIFAR-10 test copy as stored: (uint8 NHWC, int64 labels)."""
     _need(cifar10_test_path(), "CIFAR-10 test data")
-    x, y = load_cifar10_test(stop=1000)
-    return to_nchw_float(x), y
+    with np.load(cifar10_test_path()) as z:
+        return z["x"][:1000], z["y"][:1000].astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def cifar(cifar_uint8):
+    """The same rows as (float32 NCHW in [0,1], int64 labels), the runtime's input form."""
+    x, y = cifar_uint8
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255), y
 
 
 @pytest.fixture(scope="session")
@@ -43,16 +65,13 @@ def rel_err(a, b) -> float:
 
 
 @pytest.fixture(scope="session")
-def art20(tmp_path_factory, victim20):
+def art20(tmp_path_factory, request):
     """ResNet-20 (real weights, paper recipe) exported once per test session.
 
     ``$ZEROPUR_TEST_ART20`` names an already exported ResNet-20 directory instead (a GPU box
     whose torch build is not the one the exporter is tested with); its manifest is verified.
     """
-    import os
     if os.environ.get("ZEROPUR_TEST_ART20"):
-        from pathlib import Path
-
         from zeropur_rt.manifest import load_manifest
         d = Path(os.environ["ZEROPUR_TEST_ART20"])
         if load_manifest(d).model != "resnet20":
@@ -62,6 +81,7 @@ def art20(tmp_path_factory, victim20):
     from zeropur_export.victims.weights import find_weights
     from zeropur_rt.config import preset
     from zeropur_rt.files import sha256_file
+    victim20 = request.getfixturevalue("victim20")  # torch, only where the artifact is exported here
     out = tmp_path_factory.mktemp("artifacts") / "resnet20"
     return export_artifacts(victim20, preset("cifar10"), out, model="resnet20",
                             weights_sha256=sha256_file(find_weights("resnet20")), batch=(1, 32, 64))

@@ -14,7 +14,7 @@ The steps are ``zeropur_rt.schedule``'s own per-step functions, run over the occ
 into the first rows of batch-``capacity`` loop buffers (the graphs have a dynamic batch). The ZeroPur
 math is per sample (per-sample L1 norms, blur per plane; ``l1_scope="batch"`` is refused), so each
 image's result equals the whole-batch loop's for it, bit for bit wherever the runner's graphs are
-batch-independent (ONNX Runtime on the CPU is: tests/test_continuous.py).
+batch-independent (ONNX Runtime on the CPU is: tests/rt/test_continuous.py).
 
 Host runners only (numpy buffers: ONNX Runtime on the CPU, or on a GPU through its IOBinding): slots are
 gathered and scattered with numpy. Device runners (TensorRT, torch on CUDA) would need device-side

@@ -145,10 +145,10 @@ def victim_data(path: str | Path, victim: Any, resize: str = "crop", labels: boo
 
 
 def victim_artifacts(rv: Any, out_dir: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
-    """The artifact directory of a resolved ``--victim`` (``victim_cli.ResolvedVictim``): ``out_dir`` (default
+    """The artifact directory of a resolved ``--victim`` (``victims.flags.ResolvedVictim``): ``out_dir`` (default
     artifacts/<name>-paper) if it holds this victim, else exported there with the paper recipe at its resolution.
     A directory that holds another model or other weights is refused, never overwritten."""
-    from zeropur_export.victims.cli import preset_name
+    from zeropur_export.victims.flags import preset_name
     out = Path(out_dir or f"artifacts/{rv.name}-paper")
     if (out / MANIFEST).is_file():
         m = load_manifest(out)

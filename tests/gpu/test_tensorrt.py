@@ -124,7 +124,7 @@ def _gpu_reference_and_floor(victim20, cfg, x, y):
 
 
 def test_purifier_on_tensorrt_agrees_with_torch_reference(pur_trt, victim20, cifar):
-    """The CPU tests' rule (tests/test_runtime.py): at least as close to the reference as its own float32 floor."""
+    """The CPU tests' rule (tests/export/test_runtime_parity.py): at least as close to the reference as its own float32 floor."""
     from benchmarks.runtime_parity import free_running
     x, y = cifar[0][:64], cifar[1][:64]
     v, ref, floor = _gpu_reference_and_floor(victim20, pur_trt.cfg, x, y)

@@ -19,7 +19,7 @@ from pathlib import Path
 from zeropur_export.artifacts import ensure_artifacts, recipe_artifacts, victim_artifacts
 from zeropur_export.bench.latency import ALL_BACKENDS, data_name, latency_markdown, latency_plot, run_latency
 from zeropur_export.bench.sweep import run_sweep, sweep_markdown, sweep_plot
-from zeropur_export.victims.cli import add_victim_args, resolve_victim
+from zeropur_export.victims.flags import add_resize_arg, add_victim_args, resolve_victim
 from zeropur_export.victims.zoo import load_victim
 from zeropur_rt.config import apply_overrides, parse_sets
 from zeropur_rt.files import atomic_write_json, atomic_write_text
@@ -47,8 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-ap", nargs="+", type=int, default=[0, 10, 25, 50], help="AP step counts swept")
     ap.add_argument("--data", default=None, help="images: the CIFAR-10 copy for --model; any form for --victim "
                     "(latency without --data times seeded noise of the victim's shape)")
-    ap.add_argument("--resize", choices=["crop", "refuse"], default="crop",
-                    help="--data images of another size: scale to cover + centre crop (default), or refuse")
+    add_resize_arg(ap)
     ap.add_argument("--out", default=None, help="output folder for JSON, markdown and PNG (default runs/bench_<model>)")
     add_victim_args(ap)
     return ap

@@ -21,7 +21,7 @@ from zeropur_export.data import load_cifar10_test, to_nchw_float
 from zeropur_rt.files import atomic_write_json
 from zeropur_rt.progress import progress
 from zeropur_rt.schedule import STAGES
-from zeropur_export.victims.cli import add_download_arg
+from zeropur_export.victims.flags import add_download_arg
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch", "reference")
 ATTACK = "PGD-Linf 8/255 (step 2/255, 20 steps, random start) on the bare classifier"

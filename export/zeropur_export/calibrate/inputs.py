@@ -108,8 +108,8 @@ def load_model(model: str, weights: str | None) -> tuple[Any, str, str]:
 
 
 def resolve(args: Any) -> Any:
-    """The --victim flags as a ``victim_cli.ResolvedVictim``; every problem a CalibError."""
-    from zeropur_export.victims.cli import resolve_victim
+    """The --victim flags as a ``victims.flags.ResolvedVictim``; every problem a CalibError."""
+    from zeropur_export.victims.flags import resolve_victim
     try:
         return resolve_victim(args, weights=args.weights)
     except ValueError as e:  # VictimError, and weights that do not fit

@@ -40,6 +40,7 @@ import time
 from zeropur_export.attacks.suite import ATTACKS, DEFAULT, QUERY
 from zeropur_export.evaluate.evaluator import Evaluator, dir_for, require_art
 from zeropur_export.evaluate.report import markdown
+from zeropur_export.victims.flags import add_resize_arg, add_victim_args, resolve_victim
 from zeropur_rt.config import parse_sets
 from zeropur_rt.files import atomic_write_json, atomic_write_text
 
@@ -107,9 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="CIFAR-10 test .npz (default <shared>/data/cifar10_test.npz)")
     ap.add_argument("--out", default=None, help="output folder (default runs/eval_<model>); may contain {model}")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--resize", choices=["crop", "refuse"], default="crop",
-                    help="--data images of another size: scale to cover + centre crop (default), or refuse")
-    from zeropur_export.victims.cli import add_victim_args
+    add_resize_arg(ap)
     add_victim_args(ap)
     return ap
 
@@ -123,7 +122,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--victim needs --data (an .npz, a folder with one subfolder per class, or a path,label CSV)")
     args.own = None
     if args.victim:
-        from zeropur_export.victims.cli import resolve_victim
         args.own = resolve_victim(args)
         args.models = [args.own.name]
     args.models = args.models or ["resnet20"]

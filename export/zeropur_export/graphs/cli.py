@@ -10,7 +10,7 @@ from typing import Sequence
 
 from zeropur_export.artifacts import build_config
 from zeropur_export.graphs.onnx_export import DEFAULT_OPSET, BatchRange, export_artifacts
-from zeropur_export.victims.cli import add_victim_args, own_flags, preset_name, resolve_victim
+from zeropur_export.victims.flags import add_victim_args, own_flags, preset_name, resolve_victim
 from zeropur_export.victims.weights import KNOWN_WEIGHTS, find_weights, verify_sha256
 from zeropur_export.victims.zoo import ZOO, load_victim, zoo_names
 from zeropur_rt.files import sha256_file

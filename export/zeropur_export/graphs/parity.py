@@ -11,7 +11,7 @@ its ONNX Runtime float32 error is at most 2x that spread plus a float32 floor (`
 ulps; for gs_grad's gradient the conditioning floor of the cosine, see ``conditioning_floor``) and
 below ``MAX_ERR``; ReLU-mask flips are counted apart, no more of them and none worse than torch's second float32
 order takes on the same inputs (see ``ParityRow.ok``).
-Used by tests/test_export.py and benchmarks/export_parity.py.
+Used by tests/export/test_export.py and benchmarks/export_parity.py.
 """
 from __future__ import annotations
 

@@ -173,7 +173,7 @@ def ap_loss_recompute(victim: Victim, fine: torch.Tensor, x_in: torch.Tensor, co
 #     dD/df = d k / (n s) - f * sum_c(f d) k / (s n^2 N)  (the second term 0 where sum_c f^2 < tiny), k = 1 / D
 #
 # Fewer passes (ResNet-20 ap_grad: 27.1 -> 25.2 ms per batch of 16 on one CPU thread, README), the same
-# function: ``tests/test_lean_loss.py`` holds the closed form to autograd of the reference in float64 (1e-12
+# function: ``tests/export/test_lean_loss.py`` holds the closed form to autograd of the reference in float64 (1e-12
 # relative, 6e-16 measured), and the parity tests hold the exported graphs to the reference, as every graph.
 
 

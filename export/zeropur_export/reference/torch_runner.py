@@ -273,7 +273,7 @@ def _graph_step(victim: Victim, cfg: ZeroPurConfig, graph: str, compiled: bool,
     # Every runner's ``step`` shares this one code object, and dynamo counts compilations per code object:
     # 2 graphs x batch sizes x precisions x architectures pass its default of 8, past which it runs eager
     # without a word but a log line. (Runners of one architecture share one compilation, each with its own
-    # weights: tests/test_torch_fast.py.)
+    # weights: tests/export/test_torch_fast.py.)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     # freezing (inductor's inference-only weight passes; needs no_grad calls): ResNet-20's batch-16 ap_grad
     # on one CPU thread 28.9 ms with it, 33.8 ms without

@@ -1,4 +1,4 @@
-"""The one ZeroPur loop (zeropur_rt.schedule) on every runner this machine has, each against tests/oracle.py
+"""The one ZeroPur loop (zeropur_rt.schedule) on every runner this machine has, each against tests/export/oracle.py
 (ZeroPur from the paper's equations, sharing no code with the loop), and the proof that the host and device
 flavours of the pipeline issue the same operations.
 
@@ -71,7 +71,7 @@ def x8(cifar):
 
 
 def _oracle_out(victim, x: np.ndarray, second_order: bool = False) -> np.ndarray:
-    """tests/oracle.py's purified images (the short recipe) in the victim's precision; ``second_order``: torch's
+    """tests/export/oracle.py's purified images (the short recipe) in the victim's precision; ``second_order``: torch's
     convolutions in their other float32 summation order (oneDNN off)."""
     import oracle
     from zeropur_export.graphs.parity import in_second_float32_order
@@ -103,7 +103,7 @@ def oracle_short(victim20, x8):
 
 
 def test_loop_agrees_with_the_oracle(make, x8, oracle_short):
-    """Same images, same short recipe: every runner (the reference too) against tests/oracle.py in float64. A
+    """Same images, same short recipe: every runner (the reference too) against tests/export/oracle.py in float64. A
     runner steps at most twice as many pixels the other way as float32 itself does (the oracle in float32, either
     summation order; two float32 orders land within 2x of each other), and misses at most one prediction more."""
     pur = make(**SHORT)

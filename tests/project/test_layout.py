@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"zeropur_rt": ROOT / "zeropur_rt", "zeropur_export": ROOT / "export" / "zeropur_export", "benchmarks": ROOT / "benchmarks"}
 
 

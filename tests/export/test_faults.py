@@ -5,7 +5,7 @@ The full disk is a file-size limit (RLIMIT_FSIZE) in a subprocess whose SIGXFSZ 
 the limit fails with EFBIG as a full disk fails with ENOSPC. CI kills one export; the long command kills more
 (random points, seeded):
 
-    ZEROPUR_KILL_TRIALS=8 python -m pytest -q -s tests/test_faults.py -k sigkill
+    ZEROPUR_KILL_TRIALS=8 python -m pytest -q -s tests/export/test_faults.py -k sigkill
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ pytest.importorskip("torch")
 from zeropur_rt.errors import ArtifactError  # noqa: E402
 from zeropur_rt.manifest import load_manifest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fuzz"))
 import tiny_artifact  # noqa: E402
 

@@ -429,7 +429,7 @@ def test_clear_error_without_cuda_runtime_bindings(monkeypatch):
 # ---------------------------------------------------------------- extras that fit the driver (item 2)
 def test_trt_extras_pin_one_cuda_major_each():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is Python >= 3.11; 3.10 has no TOML reader")
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     from packaging.requirements import Requirement
     for extra, cuda_major, pkg in (("trt-cu12", 12, "tensorrt-cu12"), ("trt-cu13", 13, "tensorrt-cu13")):

@@ -48,7 +48,7 @@ def test_fast_graphs_pass_the_export_parity_rule(fast20, victim20, x_n):
 
 def test_fast_loop_agrees_with_the_reference(fast20, victim20, x_n):
     """The whole recipe: the purified images classify as the reference's (the loop's float32 drift is the
-    same as ONNX Runtime's; tests/test_runtime.py measures its floor), and stay in the eps ball."""
+    same as ONNX Runtime's; tests/export/test_runtime_parity.py measures its floor), and stay in the eps ball."""
     from zeropur_export.reference.purifier import ReferencePurifier
 
     out, pred = fast20.purify_and_classify(x_n)

@@ -1,4 +1,4 @@
-"""A user's own classifier (tests/own_victim.py, not the zoo) with the real ResNet-32 weights, and the user's own
+"""A user's own classifier (tests/export/own_victim.py, not the zoo) with the real ResNet-32 weights, and the user's own
 labelled images as .npz, a class-folder tree and a path,label CSV, through the CLIs:
 suggest-taps -> calibrate (tiny) -> export --config -> purify -> eval."""
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_suggestions_match_the_zoo_declared_taps():
 
 
 def test_victim_flag_errors_list_what_is_valid(data, tmp_path):
-    from zeropur_export.victims.cli import VictimError, add_victim_args, resolve_victim
+    from zeropur_export.victims.flags import VictimError, add_victim_args, resolve_victim
     import argparse
     ap = argparse.ArgumentParser()
     add_victim_args(ap)
@@ -116,7 +116,7 @@ def test_victim_flag_errors_list_what_is_valid(data, tmp_path):
 
 def test_own_resnet32_with_real_weights_is_the_zoo_resnet32(data):
     """--weights (DataParallel 'module.' keys) into the separately written module: same logits as the zoo's."""
-    from zeropur_export.victims.cli import add_victim_args, resolve_victim
+    from zeropur_export.victims.flags import add_victim_args, resolve_victim
     from zeropur_export.victims.zoo import load_victim
     import argparse
     ap = argparse.ArgumentParser()

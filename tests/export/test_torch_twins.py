@@ -2,7 +2,7 @@
 bit for bit.
 
 The reference runs its own twins, the runtime the numpy twin / host / CUDA kernels (held to the numpy twin by
-tests/test_kernels.py): without this file a change to either side's update or blur would make the reference and the
+tests/rt/test_kernels.py): without this file a change to either side's update or blur would make the reference and the
 runtime disagree by a few pixels' sign steps, which every float32 comparison reads as noise.
 
 The one licensed difference: the per-sample L1 norm is summed in torch's order by the twin and in the canonical
@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from zeropur_export.reference import losses as ref, steps  # noqa: E402
+from zeropur_rt.blur import blur_images  # noqa: E402
 from zeropur_rt.config import ZeroPurConfig  # noqa: E402
 from zeropur_rt.kernels import numpy_twin as twin  # noqa: E402
 
@@ -98,5 +99,11 @@ def test_blur_twins_are_bit_identical(cifar, sigma):
     odd[0, 0, :4] = np.arange(4 * 13, dtype=F32).reshape(4, 13) / F32(255)
     odd[1, 0, :4] = np.nextafter(odd[0, 0, :4], F32(-1))
     for x in (cifar[0][:16], odd):
-        got = ref.blur_torch(torch.from_numpy(x), sigma).numpy()
+        got = ref.ref.blur_torch(torch.from_numpy(x), sigma).numpy()
         assert np.array_equal(got.view(np.uint32), twin.blur(x, sigma).view(np.uint32))
+
+
+def test_torch_blur_equals_numpy_blur(cifar):
+    x = cifar[0][:64]
+    for sigma in (0.7, 1.8, 3.0):
+        assert np.array_equal(ref.blur_torch(torch.from_numpy(x), sigma).numpy(), blur_images(x, sigma))

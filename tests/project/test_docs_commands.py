@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = ("README.md", "docs/usage.md")
 SKIP_LINE = re.compile(r"^\s*(python -m venv|pip install|\. \S+/bin/activate)")
 TINY = [  # (pattern, replacement): the documented command, made small

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from benchmarks import mutants
 
-KILLER = ("tests/test_kernels.py::test_exact_clip_boundary_ties",)
+KILLER = ("tests/rt/test_kernels.py::test_exact_clip_boundary_ties",)
 
 
 def test_every_mutant_patches_one_place_of_todays_tree():

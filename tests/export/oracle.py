@@ -4,7 +4,7 @@ released code's conventions, as a test oracle that shares no code with what it c
 It imports nothing of ``zeropur_rt`` or ``zeropur_export``: the blur, Guided Shift, Adaptive Projection, the
 self-LPIPS and the ILA term are all here, and a victim is a bare ``nn.Module`` read through its own forward hooks.
 A bug in the runtime's schedule, kernels or config, or in the reference's losses, therefore shows as a
-disagreement with this file (tests/test_oracle.py, tests/test_loop.py).
+disagreement with this file (tests/export/test_oracle.py, tests/export/test_loop.py).
 
 Conventions fixed by the released code (not by the equations), followed so that float64 runs agree bit for bit:
 the blur is Pillow's GaussianBlur of floor(255 x) computed in float32; batch losses are batch means; square roots

@@ -1,9 +1,9 @@
-"""The blur is Pillow's GaussianBlur bit for bit (numpy and torch twins)."""
+"""The blur is Pillow's GaussianBlur bit for bit (the numpy twin; the torch twin: tests/export/test_torch_twins.py)."""
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from zeropur_rt.blur import blur_images, blur_uint8, box_blur_weights, quantize
+from zeropur_rt.blur import blur_uint8, box_blur_weights, quantize
 
 
 def _pillow(img_hwc: np.ndarray, sigma: float) -> np.ndarray:
@@ -33,13 +33,6 @@ def test_blur_bit_exact_for_any_sigma_including_sub_pixel_box_radius(sigma):
     ours = blur_uint8(imgs.transpose(0, 3, 1, 2), sigma).transpose(0, 2, 3, 1)
     assert np.array_equal(ours, np.stack([_pillow(im, sigma) for im in imgs]))
 
-
-def test_torch_blur_equals_numpy_blur(cifar):
-    torch = pytest.importorskip("torch")
-    from zeropur_export.reference.losses import blur_torch
-    x = cifar[0][:64]
-    for sigma in (0.7, 1.8, 3.0):
-        assert np.array_equal(blur_torch(torch.from_numpy(x), sigma).numpy(), blur_images(x, sigma))
 
 
 def test_quantize_truncates_in_float32_like_the_released_code():

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 from zeropur_rt.manifest import load_manifest  # noqa: E402
 from zeropur_rt.pipeline import Purifier  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "fuzz"))
 import tiny_artifact  # noqa: E402
 

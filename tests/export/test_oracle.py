@@ -1,4 +1,4 @@
-"""The reference purifier against tests/oracle.py (ZeroPur from the paper's equations, sharing no code with the
+"""The reference purifier against tests/export/oracle.py (ZeroPur from the paper's equations, sharing no code with the
 project), in float64 on real ResNet-20 weights and real CIFAR-10 images, clean and PGD, step by step.
 
 The reference drives the runtime's own schedule (zeropur_rt.schedule) over its own losses, and the runtime's graphs
@@ -134,7 +134,7 @@ def test_gs_step_rules(v64, clean_and_pgd):
     from zeropur_rt.errors import ConfigError
     for name in ("cifar10", "cifar100", "imagenet"):
         assert preset(name).gs_step_rule == "fixed" and preset(name).gs_step == 1 / 255
-    recipes = sorted((Path(__file__).resolve().parents[1] / "export/zeropur_export/recipes").glob("*.json"))
+    recipes = sorted((Path(__file__).resolve().parents[2] / "export/zeropur_export/recipes").glob("*.json"))
     assert recipes and all(json.loads(p.read_text())["gs_step_rule"] in GS_STEP_RULES for p in recipes)
     fixed = preset("cifar10").replace(eps=8 / 255, gs_steps=4)
     assert fixed.gs_step == 1 / 255

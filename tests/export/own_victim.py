@@ -46,7 +46,7 @@ class OwnResNet32(nn.Module):
 
 
 def resnet32() -> nn.Module:
-    """The factory ``--victim tests/own_victim.py:resnet32`` calls; weights come from ``--weights``."""
+    """The factory ``--victim tests/export/own_victim.py:resnet32`` calls; weights come from ``--weights``."""
     return OwnResNet32()
 
 
