@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("art")
 torch = pytest.importorskip("torch")
 
-from zeropur_export.attacks import suite as attack_suite  # noqa: E402
+from zeropur_export.attacks import suite  # noqa: E402
 from zeropur_export.attacks.suite import ADAPTIVE, DEFAULT, WORST  # noqa: E402
 from zeropur_export.cli import main  # noqa: E402
 
@@ -130,10 +130,10 @@ def test_cascade_attacks_the_survivors_only_and_resumes(art20, tmp_path, capsys)
     res = json.loads((out / "eval.json").read_text())
     stages = res["cascade"]
     assert [s["attack"] for s in stages] == ["pgd", "bpda-apgd-ce", "unrolled-apgd-ce"] and res["attacks"] == []
-    alive = attack_suite.unbits(res["clean"]["correct_purified"])
+    alive = suite.unbits(res["clean"]["correct_purified"])
     assert 4 <= alive.sum() < 12 and 0 < stages[0]["broken"] < stages[0]["attacked"]
     for s in stages:
-        after = attack_suite.unbits(s["correct_purified"])
+        after = suite.unbits(s["correct_purified"])
         assert s["attacked"] == alive.sum() and not (after & ~alive).any()
         assert s["broken"] == alive.sum() - after.sum()
         assert s["robust_acc_purified"] == pytest.approx(100 * after.mean())
@@ -184,7 +184,7 @@ def test_batch_too_big_for_artifact(art20, tmp_path, capsys):
 def test_no_partial_json_on_error(art20, tmp_path, capsys, monkeypatch):
     def boom(self, name, x, y, seed):
         raise RuntimeError("attack exploded")
-    monkeypatch.setattr(attack_suite.Crafter, "craft", boom)
+    monkeypatch.setattr(suite.Crafter, "craft", boom)
     rc, out = _bad(tmp_path, "--artifacts", str(art20), "--attacks", "pgd")
     assert rc == 2 and "attack exploded" in capsys.readouterr().err
     assert not (out / "eval.json").exists()

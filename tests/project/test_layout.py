@@ -115,3 +115,64 @@ MAX_LINES = 420  # "about 400": a module reads in one sitting
 def test_every_module_reads_in_one_sitting():
     long = {str(p.relative_to(ROOT)): n for p in _modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _tree_block(doc: Path, heading: str) -> str:
+    """The first fenced block after ``heading`` in ``doc``."""
+    text = doc.read_text()
+    return text[text.index(heading):].split("```")[1]
+
+
+PATH_TOKEN = re.compile(r"^[\w.-]+(/[\w.-]+)*/?$")
+FILE_SUFFIXES = (".py", ".cu", ".h", ".cpp", ".c", ".json", ".md", ".sh", ".toml")
+
+
+def tree_paths(block: str) -> set[str]:
+    """Paths a layout tree names: a folder line (``name/``) opens a level for the lines indented under it; a line's
+    names come before its first run of two spaces (``a.py b.py   what they are``); wrapped descriptions are skipped."""
+    stack: list[tuple[int, str]] = []
+    out = set()
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        names = re.split(r"\s{2,}", line.strip())[0].split()
+        if not names or not all(PATH_TOKEN.match(n) and (n.endswith("/") or n.endswith(FILE_SUFFIXES)) for n in names):
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1] if stack else ""
+        out |= {parent + n for n in names}
+        if len(names) == 1 and names[0].endswith("/"):
+            stack.append((indent, parent + names[0]))
+    return out
+
+
+def _tracked() -> list[str]:
+    return subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_readme_tree_matches_the_files():
+    """Every path the README's layout names exists, and every folder of code or tests is named."""
+    files = _tracked()
+    if not files:
+        pytest.skip("not a git checkout")
+    dirs = {f.rsplit("/", 1)[0] + "/" for f in files if "/" in f}
+    dirs |= {"/".join(d.split("/")[:i]) + "/" for d in dirs for i in range(1, d.count("/"))}
+    named = tree_paths(_tree_block(ROOT / "README.md", "## Layout"))
+    assert sorted(p for p in named if p not in dirs and p not in files) == []
+    code_dirs = {d for d in dirs if d.startswith(("zeropur_rt/", "export/zeropur_export/", "tests/"))
+                 and d.count("/") == (3 if d.startswith("export/") else 2) and "__pycache__" not in d}
+    assert sorted(code_dirs - named) == []
+
+
+def test_module_tree_in_the_docs_matches_the_files():
+    """docs/usage.md names every module of both packages, and nothing that is not there."""
+    files = _tracked()
+    if not files:
+        pytest.skip("not a git checkout")
+    named = tree_paths(_tree_block(ROOT / "docs" / "usage.md", "## Layout"))
+    modules = {f for f in files if f.startswith(("zeropur_rt/", "export/zeropur_export/")) and f.endswith(".py")
+               and not f.endswith("__init__.py")}
+    assert sorted(modules - named) == []
+    assert sorted(p for p in named if not p.endswith("/") and p not in files) == []

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,8 +167,11 @@ def test_repository_writer_and_cli(art20, tmp_path, capsys):
     assert "dynamic_batching" not in (out / "zeropur" / "config.pbtxt").read_text()
 
 
-def test_load_benchmark_tiny(server, tmp_path):
+def test_load_benchmark_tiny(server, tmp_path, monkeypatch):
     """benchmarks/load.py's runs against the served models: every request counted, nothing lost."""
+    pytest.importorskip("matplotlib", reason="the load report's plot needs matplotlib (the dev extra)")
+    # a script of the checkout: its folder goes last on the path, after the installed zeropur_rt it runs against
+    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(__file__).resolve().parents[2])])
     from benchmarks.load import run_load, write_report
     x = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
     runs = [run_load(server, "zeropur", "dynamic", "closed", 2, x, 1, 4, 30, 60),

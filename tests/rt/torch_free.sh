@@ -8,7 +8,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 zeropur-export export resnet20 --out "$work/resnet20" --min-batch 1 --opt-batch 32 --max-batch 64 2>/dev/null
 python -m venv "$work/deploy"
-"$work/deploy/bin/pip" install -q ".[deploy,serve]" "pytest>=8" "hypothesis>=6.100"
+"$work/deploy/bin/pip" install -q ".[deploy,serve]" "pytest>=8" "hypothesis>=6.100" >"$work/pip.log" 2>&1 \
+  || { cat "$work/pip.log"; exit 1; }
 if "$work/deploy/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)"; then
   echo "torch_free.sh: torch is importable in the deploy environment; this run would prove nothing" >&2
   exit 1

@@ -11,7 +11,7 @@ from zeropur_rt.config import ZeroPurConfig
 
 def graph_functions(victim: Victim, cfg: ZeroPurConfig) -> dict[str, tuple[Callable[..., Any], bool]]:
     """name -> (function of the graph inputs, is_gradient). Gradient functions are differentiated
-    w.r.t. their first input by ``lowering.trace_grad``."""
+    w.r.t. their first input by ``graphs.tracing.trace_grad``."""
     n_ila = len(victim.spec.ila)
 
     def classifier(x):

@@ -221,7 +221,7 @@ class SelfLpipsDistance(torch.autograd.Function):
 
 
 def ap_loss_lean(victim: Victim, fine: torch.Tensor, c: APConstants, cfg: ZeroPurConfig) -> torch.Tensor:
-    """``reference.ap_loss`` with the LPIPS term through ``SelfLpipsDistance``."""
+    """``ap_loss`` with the LPIPS term through ``SelfLpipsDistance``."""
     _, taps = victim.run(fine)
     dist = SelfLpipsDistance.apply(c.lpips_ref, *(taps[name] for name in victim.spec.lpips))[0]
     return cfg.ila_weight * ila_term(victim, taps, c) + cfg.lpips_weight * dist.mean()

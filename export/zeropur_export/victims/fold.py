@@ -10,7 +10,7 @@ network, the convolution's output feeds the BatchNorm alone, each module is call
 reads the convolution's output (a tap on the convolution, on ``bn:in``, or on a module whose boundary
 lies between the two). The BatchNorm is replaced by ``nn.Identity`` at the same module path, so a tap
 on the BatchNorm's name reads the same value. A network ``torch.fx`` cannot trace is exported unfolded
-(``FoldReport.reason`` says why). The reference (``reference.py``) always runs the unfolded victim.
+(``FoldReport.reason`` says why). The reference (``zeropur_export.reference``) always runs the unfolded victim.
 The folded copy also takes the zoo's option-A shortcuts as 1x1 selection convolutions (``_SelectConv``).
 """
 from __future__ import annotations
