@@ -166,6 +166,7 @@ class Purifier:
 
     @property
     def workers(self) -> int:
+        """The sessions a batch is split across (1: no workers, every batch on this purifier's own)."""
         return len(self._workers) if self._workers else 1
 
     @property
@@ -237,6 +238,7 @@ class Purifier:
         return call_graph(self.runner, graph, feeds)
 
     def graph_captured(self, n: int) -> bool:
+        """Whether the loop of batch size ``n`` replays a captured CUDA graph."""
         return self.loops.captured(n)
 
     @_serialised
