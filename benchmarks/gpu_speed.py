@@ -111,9 +111,9 @@ def measure(model: str, art: Path, device: str, batches: list[int], reps: int, x
                       "x_vs_released": row["released"]["ms_per_call"] / (1e3 * s) if v != "released" else 1.0}
         if b == min(batches):  # eager (no CUDA graph) so that the profiler sees each launch; already compiled
             for v, p in purifiers.items():
-                graphed, p.cuda_graph = p.cuda_graph, False
+                graphed, p.loops.cuda_graph = p.loops.cuda_graph, False
                 row[v]["kernels_per_step"] = count_kernels(lambda: p.purify(x), device) / (cfg.gs_steps + cfg.ap_steps)
-                p.cuda_graph = graphed
+                p.loops.cuda_graph = graphed
         rows.append(row)
         print(f"  {model} batch {b}: " + ", ".join(f"{v} {row[v]['ms_per_call']:.1f} ms" for v in calls), flush=True)
     agree: dict[str, Any] = {}

@@ -24,7 +24,6 @@ are upper bounds.
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import threading
 import time

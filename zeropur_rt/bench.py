@@ -64,7 +64,7 @@ def time_purifier(pur: Any, x: np.ndarray, warmup: int, repeats: int) -> dict[st
     """Time ``pur.purify(x)`` as a user calls it, then take one call's stage timings (an eager loop: on a
     device that is not the replayed CUDA graph the timed calls ran, so the shares are indicative)."""
     row = latency_stats(timed(lambda: pur.purify(x), warmup, repeats), len(x))
-    _, st = pur.purify(x, timings=True)
+    st = pur.run(x, timings=True).times
     total = sum(st.seconds.values())
     if total > 0:
         row["stages_pct"] = {k: 100 * v / total for k, v in st.seconds.items()}
@@ -137,8 +137,8 @@ def bench_images(data: str | None, chw: Sequence[int], n: int, resize: str) -> n
     """``n`` images: the first ``n`` of ``data`` (any form ``zeropur-rt purify`` reads), or seeded noise."""
     if data is None:
         return np.random.default_rng(0).random((n, *chw), dtype=np.float32)
-    from zeropur_rt.images import read_images
-    x, _, _ = read_images(data, chw, resize)
+    from zeropur_rt.datasets import read_dataset
+    x = read_dataset(data, chw, resize=resize, labels=False).x
     if len(x) < n:
         raise ConfigError(f"{data} holds {len(x)} images; the largest --batch needs {n}")
     return np.ascontiguousarray(x[:n], dtype=np.float32)
@@ -159,7 +159,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, load: Callable[..., Any]) -> int:
     """The command's body; ``load(workers)`` is the CLI's Purifier.load with every other option applied."""
     from zeropur_rt.config import apply_overrides, parse_sets
-    from zeropur_rt.engine_record import check_batch
+    from zeropur_rt.validate import check_batch
     from zeropur_rt.files import atomic_write_json, atomic_write_text
     from zeropur_rt.manifest import load_manifest
     from zeropur_rt.progress import progress

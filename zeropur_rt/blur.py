@@ -57,6 +57,15 @@ def box_blur_weights(sigma: float, passes: int = PASSES) -> BoxBlurWeights:
     return BoxBlurWeights(float(sigma), float(box_radius), radius, ww, fw)
 
 
+def check_weights(w: BoxBlurWeights) -> BoxBlurWeights:
+    """``w`` if the blur kernels' integer arithmetic holds it, else ValueError: the taps of one pass sum to
+    at most 1.0 in 24 fractional bits, so a pass fits uint32 (``zp_blur_weights_ok`` in zeropur_kernels.h)."""
+    if not (0 <= w.radius <= (1 << 23) and 0 < w.ww and 0 <= w.fw
+            and (2 * w.radius + 1) * w.ww + 2 * w.fw <= _ONE):
+        raise ValueError(f"invalid Pillow box-blur weights {w}")
+    return w
+
+
 def _box_pass(a: np.ndarray, w: BoxBlurWeights) -> np.ndarray:
     """One box pass along the last axis of an int64 array, edges replicated."""
     n = a.shape[-1]

@@ -76,13 +76,14 @@ def _batches(n: int, size: int) -> Iterator[slice]:
 
 
 def _cmd_purify(args: argparse.Namespace, purify: bool) -> int:
-    from zeropur_rt.images import read_images
+    from zeropur_rt.datasets import read_dataset
 
     _check_out(args, purify)
     if not Path(args.input).exists():
         raise InputError(f"{args.input}: no such file or directory (images: a file, a folder, an .npz or a CSV)")
     with _load(args, args.workers) as pur:
-        x, y, names = read_images(args.input, tuple(pur.chw), args.resize, pur.manifest.num_classes)
+        images = read_dataset(args.input, pur.chw, resize=args.resize, labels=False, num_classes=pur.manifest.num_classes)
+        x, y, names = images.x, images.y, images.names
         size = min(args.batch or int(pur.manifest.batch.get("opt", pur.max_batch)), pur.max_batch)
         outs, preds = [], []
         t0 = time.perf_counter()

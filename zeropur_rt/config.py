@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable, Literal
 
+from zeropur_rt.blur import box_blur_weights, check_weights
 from zeropur_rt.errors import ConfigError
 
 L1Scope = Literal["sample", "batch"]
@@ -75,8 +76,7 @@ class ZeroPurConfig:
             raise ConfigError("config.blur_sigma_jitter is a fraction of blur_sigma in [0, 1), "
                               f"got {self.blur_sigma_jitter}")
         try:  # the kernels' own rule: a sigma whose box filter overflows their integer weights is no blur
-            from zeropur_rt.kernels.numpy_twin import blur_weights
-            blur_weights(float(self.blur_sigma) * (1 + self.blur_sigma_jitter))
+            check_weights(box_blur_weights(float(self.blur_sigma) * (1 + self.blur_sigma_jitter)))
         except ValueError:
             raise ConfigError(f"config.blur_sigma {self.blur_sigma!r} (jitter {self.blur_sigma_jitter!r}) is beyond "
                               "what the blur kernels take (its box filter overflows their integer weights)") from None

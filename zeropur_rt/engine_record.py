@@ -16,9 +16,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
-
-from zeropur_rt.errors import InputError
 from zeropur_rt.manifest import ArtifactError
 
 PRECISIONS = ("fp32", "fp16")
@@ -29,10 +26,6 @@ BUILD_CMD = "zeropur-export build-engines {dir}"
 
 class EngineMismatchError(ArtifactError):
     """The artifact has no engine usable on this GPU / TensorRT (or no engines at all)."""
-
-
-class BatchSizeError(InputError):
-    """A batch outside the engines' optimisation profile."""
 
 
 
@@ -135,22 +128,6 @@ def precision_plan(trt_version: str, precision: str) -> PrecisionPlan:
     if precision == "fp32":
         return PrecisionPlan("fp32", major, major >= 11, (), ("TF32",), False)
     return PrecisionPlan("fp16", major, True, (), ("TF32",), True)
-
-
-def check_batch(n: int, batch: Mapping[str, int], what: str = "the TensorRT engines") -> int:
-    """``n`` inside [batch["min"], batch["max"]], else a BatchSizeError saying what to do."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise BatchSizeError(f"batch size must be an integer, got {n!r}")
-    n = int(n)
-    lo, hi = int(batch["min"]), int(batch["max"])
-    if n > hi:
-        raise BatchSizeError(f"batch of {n} images exceeds the maximum batch {hi} of {what}' optimisation profile: "
-                             f"split the input into batches of at most {hi}, or re-export with a larger --max-batch "
-                             "and rebuild the engines (zeropur-export build-engines DIR)")
-    if n < lo:
-        raise BatchSizeError(f"batch of {n} images is below the minimum batch {lo} of {what}' optimisation profile: "
-                             f"pad the batch to {lo}, or re-export with --min-batch {max(1, n)} and rebuild the engines")
-    return n
 
 
 def _describe_record(key: str, rec: Mapping[str, Any]) -> str:

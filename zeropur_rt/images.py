@@ -1,4 +1,5 @@
-"""Image sets in and out of the deploy-time CLI: any form ``zeropur_rt.datasets`` reads; PNG folders written."""
+"""Image sets written as PNG folders: the purified images of ``zeropur-rt purify --out``, and the
+class-folder tree of ``zeropur-export fetch --pngs`` that every command reads back (``zeropur_rt.datasets``)."""
 from __future__ import annotations
 
 import os
@@ -9,16 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from zeropur_rt.datasets import read_dataset
 from zeropur_rt.errors import OutputError
-
-
-def read_images(src: str | os.PathLike, chw: Sequence[int], resize: str = "refuse",
-                num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """(float32 NCHW in [0,1], labels or None, names) of one image file, an .npz, a folder (flat or one subfolder
-    per class) or a path,label CSV, brought to ``chw`` by the resize rule (``crop`` or ``refuse``)."""
-    s = read_dataset(src, chw, resize=resize, labels=False, num_classes=num_classes)
-    return s.x, s.y, s.names
 
 
 def to_uint8_nhwc(x: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@
 
 The schedule issues operations on two small interfaces and never knows which backend it drives:
 
-* a ``Runner`` executes one exported graph on its own buffers, and owns the memory those buffers
-  live in (host arrays, device pointers, torch tensors) and, on a GPU, the stream and CUDA-graph capture;
+* a ``Runner`` (``zeropur_rt.runners.base``) executes one exported graph on its own buffers, and owns
+  the memory those buffers live in (host arrays, device pointers, torch tensors) and, on a GPU, the stream
+  and CUDA-graph capture;
 * a ``KernelSet`` launches our kernels (blur, GS update, AP update) on those buffers: the host library
   or numpy twin, the CUDA kernels, or the reference's torch twins.
 
@@ -18,33 +19,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from zeropur_rt.config import ZeroPurConfig
+from zeropur_rt.runners.base import Buffer, Runner
 
-Buffer = Any  # whatever the runner allocates: a numpy array, a device buffer, a torch tensor
 STAGES = ("blur", "gs_engine", "gs_update", "ap_setup", "ap_engine", "ap_update", "classify")
-
-
-class Runner(Protocol):
-    """Executes exported graphs on buffers it allocates. Host runners: numpy buffers, no capture."""
-
-    name: str
-    device: str
-
-    def alloc(self, shape: tuple[int, ...], name: str) -> Buffer: ...
-    def run(self, graph: str, inputs: Mapping[str, Buffer], outputs: Mapping[str, Buffer]) -> None: ...
-    def output_shapes(self, graph: str, n: int) -> dict[str, tuple[int, ...]]: ...
-    def copy(self, dst: Buffer, src: Buffer) -> None: ...
-    def zero(self, buf: Buffer) -> None: ...
-    def upload(self, dst: Buffer, src: np.ndarray) -> None: ...
-    def download(self, src: Buffer) -> np.ndarray: ...
-    def sync(self) -> None: ...
-    def capture(self, enqueue: Callable[[], None]) -> Callable[[], None] | None: ...
-    def release(self, buffers: list[Buffer], n: int | None = None) -> None: ...
-    def close(self) -> None: ...
 
 
 class KernelSet(Protocol):

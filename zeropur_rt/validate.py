@@ -1,13 +1,17 @@
 """Input checks shared by the reference and the runtime: one clear InputError (a ValueError) per problem."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from zeropur_rt.errors import InputError
 
 _FLOAT_DTYPES = ("float32", "float64")
+
+
+class BatchSizeError(InputError):
+    """A batch outside the artifact's batch range (the engines' optimisation profile)."""
 
 
 def _dtype_name(x: Any) -> str:
@@ -47,3 +51,19 @@ def check_images(x: Any, chw: Sequence[int] | None = None, max_batch: int | None
         raise InputError(f"{name} contain NaN or Inf")
     if lo < 0.0 or hi > 1.0:
         raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+
+
+def check_batch(n: int, batch: Mapping[str, int], what: str = "the TensorRT engines") -> int:
+    """``n`` inside [batch["min"], batch["max"]], else a BatchSizeError saying what to do."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise BatchSizeError(f"batch size must be an integer, got {n!r}")
+    n = int(n)
+    lo, hi = int(batch["min"]), int(batch["max"])
+    if n > hi:
+        raise BatchSizeError(f"batch of {n} images exceeds the maximum batch {hi} of {what}' optimisation profile: "
+                             f"split the input into batches of at most {hi}, or re-export with a larger --max-batch "
+                             "and rebuild the engines (zeropur-export build-engines DIR)")
+    if n < lo:
+        raise BatchSizeError(f"batch of {n} images is below the minimum batch {lo} of {what}' optimisation profile: "
+                             f"pad the batch to {lo}, or re-export with --min-batch {max(1, n)} and rebuild the engines")
+    return n

@@ -73,7 +73,8 @@ def test_bpda_model_is_victim_at_purified_image_and_matches_art_preprocessor(pur
 
 def test_trajectory_model_averages_the_victim_over_the_iterates(pur_tiny, victim20, cifar):
     x, y = cifar[0][:3], cifar[1][:3]
-    out, it = pur_tiny.purify(x, iterates=True)
+    res = pur_tiny.run(x, iterates=True)
+    out, it = res.images, res.iterates
     m = adaptive.TrajectoryBPDAModel(victim20, pur_tiny, points=64)
     path = m.path(out, it)
     # every iterate after the input: GS inputs 1.., the coarse image, AP inputs 1.., the output

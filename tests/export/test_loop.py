@@ -121,7 +121,9 @@ def test_loop_agrees_with_the_oracle(make, x8, oracle_short):
 def test_iterates_and_early_outs(make, x8):
     pur = make(**SHORT)
     x = x8[:4]
-    out, trace = pur.purify(x, iterates=True)
+    res = pur.run(x, iterates=True)
+    out, trace = res.images, res.iterates
+    assert res.logits is None and res.times is None
     assert len(trace.gs_x) == 3 and len(trace.ap_x) == 4
     assert np.array_equal(trace.gs_x[0], x) and np.array_equal(trace.ap_x[0], x)
     assert np.array_equal(pur.purify(x), out)  # observing changes nothing
@@ -130,13 +132,13 @@ def test_iterates_and_early_outs(make, x8):
     assert np.array_equal(gs_only.purify(x), trace.coarse)
     identity = make(gs_steps=0, ap_steps=0)
     assert np.array_equal(identity.purify(x), x)
-    ap_only, tr = make(gs_steps=0, ap_steps=4).purify(x, iterates=True)
+    tr = make(gs_steps=0, ap_steps=4).run(x, iterates=True).iterates
     assert np.array_equal(tr.coarse, x) and len(tr.gs_x) == 0
 
 
 def test_stage_timings_cover_every_stage(make, x8):
     pur = make(**SHORT)
-    _, _, st = pur.purify_and_classify(x8[:2], timings=True)
+    st = pur.run(x8[:2], classify=True, timings=True).times
     assert set(st.seconds) == set(schedule.STAGES)
     assert st.total > 0 and all(v >= 0 for v in st.seconds.values())
 
@@ -148,7 +150,7 @@ def test_batch_states_are_cached_and_evicted(make, x8):
         out = pur.purify(x8[:n])
         if n in first:
             assert np.array_equal(out, first[n])
-    assert len(pur._states) <= pur.max_cached_batches
+    assert len(pur.loops.cached_sizes) <= pur.loops.max_cached
 
 
 def test_ap_steps_need_ap_graphs(art20):
@@ -285,7 +287,7 @@ def test_host_and_device_flavours_issue_the_same_operations(art20, x8):
                                         "ap_update": lambda *a: None})()
     dev = Recording(DeviceRecorder(base.runner, dev_log), no_kernels, dev_log)
     device = Purifier(dev, dev.kernel_set(), base.cfg, input_shape=base.chw, batch=base.batch, has_ap=True)
-    assert device.cuda_graph  # a device runner gets the captured loop
+    assert device.loops.cuda_graph  # a device runner gets the captured loop
     device.purify_and_classify(x8[:2])
     first_call = list(dev_log)
     device.purify_and_classify(x8[:2])
@@ -318,7 +320,8 @@ def test_randomised_loop_draws_from_its_seed_on_every_runner(make, x8, victim20)
     assert pur.cfg.randomised
     x = x8[:4]
     pur.reseed(5)
-    out, pred, trace = pur.purify_and_classify(x, iterates=True)
+    res = pur.run(x, classify=True, iterates=True)
+    out, pred, trace = res.images, res.labels, res.iterates
     again = pur.purify(x)
     pur.reseed(5)
     assert np.array_equal(pur.purify(x), out) and not np.array_equal(again, out)
@@ -359,7 +362,7 @@ def test_randomised_config_is_never_captured(art20, x8):
                                         "ap_update": lambda *a: None})()
     dev = Recording(DeviceRecorder(base.runner, log), no_kernels, log)
     device = Purifier(dev, dev.kernel_set(), base.cfg, input_shape=base.chw, batch=base.batch, has_ap=True)
-    assert device.cuda_graph
+    assert device.loops.cuda_graph
     for _ in range(3):
         device.purify_and_classify(x8[:2])
     assert not [op for op in log if op[0] in ("capture", "replay")]

@@ -13,6 +13,7 @@ import pytest
 
 from zeropur_rt import cuda_driver as cd
 from zeropur_rt import engine_record as bt
+from zeropur_rt import validate
 from zeropur_rt.runners import trt_engine
 from zeropur_rt.manifest import ArtifactError
 
@@ -101,15 +102,15 @@ def test_refuses_no_engines_missing_graph_and_stale_batch():
 
 # ---------------------------------------------------------------- batch range
 def test_batch_range_checks():
-    assert bt.check_batch(1, BATCH) == 1 and bt.check_batch(256, BATCH) == 256
-    assert bt.check_batch(np.int64(7), BATCH) == 7
-    with pytest.raises(bt.BatchSizeError, match="exceeds the maximum batch 256.*split the input.*--max-batch"):
-        bt.check_batch(257, BATCH)
-    with pytest.raises(bt.BatchSizeError, match="below the minimum batch 4"):
-        bt.check_batch(2, {"min": 4, "opt": 8, "max": 16})
-    with pytest.raises(bt.BatchSizeError, match="integer"):
-        bt.check_batch(2.0, BATCH)
-    assert issubclass(bt.BatchSizeError, ValueError)
+    assert validate.check_batch(1, BATCH) == 1 and validate.check_batch(256, BATCH) == 256
+    assert validate.check_batch(np.int64(7), BATCH) == 7
+    with pytest.raises(validate.BatchSizeError, match="exceeds the maximum batch 256.*split the input.*--max-batch"):
+        validate.check_batch(257, BATCH)
+    with pytest.raises(validate.BatchSizeError, match="below the minimum batch 4"):
+        validate.check_batch(2, {"min": 4, "opt": 8, "max": 16})
+    with pytest.raises(validate.BatchSizeError, match="integer"):
+        validate.check_batch(2.0, BATCH)
+    assert issubclass(validate.BatchSizeError, ValueError)
 
 
 def test_one_device_grammar():

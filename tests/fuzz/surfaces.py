@@ -283,8 +283,8 @@ def npz_inputs(draw: Any, chw: tuple[int, int, int] = (3, 8, 8)) -> dict[str, An
 
 def check_npz(ctx: Context, case: dict[str, Any]) -> str:
     """An .npz through the CLI's reader, then every batch through the purifier; the output written atomically."""
+    from zeropur_rt.datasets import read_dataset
     from zeropur_rt.files import atomic_write_bytes
-    from zeropur_rt.images import read_images
 
     d = ctx.fresh("npz")
     p = d / "in.npz"
@@ -302,11 +302,11 @@ def check_npz(ctx: Context, case: dict[str, Any]) -> str:
         data = case["raw"]
     p.write_bytes(data)
     pur = ctx.purifier
-    outcome, res = judged(lambda: read_images(p, pur.chw))
+    outcome, res = judged(lambda: read_dataset(p, pur.chw, resize="refuse", labels=False))
     if outcome != "ok":
         no_strays(d, {"in.npz"})
         return outcome
-    x, y, names = res
+    x, y, names = res.x, res.y, res.names
     expect(isinstance(x, np.ndarray) and x.ndim == 4 and len(names) == len(x), "reader returned a malformed set")
     expect(y is None or (y.dtype == np.int64 and y.shape == (len(x),)), f"labels {None if y is None else (y.dtype, y.shape)}")
 
@@ -533,12 +533,13 @@ def _materialise(root: Path, files: list[dict[str, Any]]) -> None:
 
 
 def _check_set(ctx: Context, src: Path, resize: str) -> str:
-    from zeropur_rt.images import read_images
+    from zeropur_rt.datasets import read_dataset
     pur = ctx.purifier
-    outcome, res = judged(lambda: read_images(src, pur.chw, resize, pur.manifest.num_classes))
+    outcome, res = judged(lambda: read_dataset(src, pur.chw, resize=resize, labels=False,
+                                               num_classes=pur.manifest.num_classes))
     if outcome != "ok":
         return outcome
-    x, y, names = res
+    x, y, names = res.x, res.y, res.names
     expect(x.dtype == np.float32 and x.shape[1:] == pur.chw and len(x) == len(names) > 0, f"images {x.dtype} {x.shape}")
     expect(bool(np.isfinite(x).all()) and float(x.min()) >= 0 and float(x.max()) <= 1, "images out of [0, 1]")
     expect(y is None or (y.shape == (len(x),) and bool(((y >= 0) & (y < pur.manifest.num_classes)).all())), f"labels {y}")

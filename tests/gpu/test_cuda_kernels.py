@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from zeropur_rt.blur import blur_images, box_blur_weights
+from zeropur_rt.kernels import checks
 from zeropur_rt.kernels import cuda as zc
+from zeropur_rt.kernels import cuda_images
 from zeropur_rt.kernels import numpy_twin as twin
 
 _ok, _why = zc.cuda_python_available()
@@ -78,21 +80,21 @@ def _kernels(source: str) -> zc.CudaKernels:
     import os
 
     if source == "nvrtc":
-        ok, why = zc.nvrtc_available()
+        ok, why = cuda_images.nvrtc_available()
         if not ok:
             pytest.skip(why)
-        old = os.environ.get(zc.FATBIN_ENV)
-        os.environ[zc.FATBIN_ENV] = "/nonexistent/zeropur_kernels.fatbin"  # force NVRTC
+        old = os.environ.get(cuda_images.FATBIN_ENV)
+        os.environ[cuda_images.FATBIN_ENV] = "/nonexistent/zeropur_kernels.fatbin"  # force NVRTC
         try:
             k = zc.CudaKernels()
         finally:
             if old is None:
-                del os.environ[zc.FATBIN_ENV]
+                del os.environ[cuda_images.FATBIN_ENV]
             else:
-                os.environ[zc.FATBIN_ENV] = old
+                os.environ[cuda_images.FATBIN_ENV] = old
         assert k.image.startswith("NVRTC")
         return k
-    if zc.find_fatbin() is None:
+    if cuda_images.find_fatbin() is None:
         pytest.skip("no prebuilt zeropur_kernels.fatbin installed (pip install -e . with nvcc)")
     k = zc.CudaKernels(allow_nvrtc=False)
     assert k.image.startswith("prebuilt")
@@ -134,7 +136,7 @@ def test_gs_update_gpu_equals_host(gpu, host, shape, scope):
     for tie in (False, True):
         x, g, m, x_in = _case(rng, shape, tie)
         eps, step = F32(2 / 255), F32(2 / 255)
-        n, p = twin.split_np(x)
+        n, p = checks.split_np(x)
         dx, dg, dm, dxin, dl1 = dev.put(x), dev.put(g), dev.put(m), dev.put(x_in), dev.put(np.zeros(n, F32))
         for _ in range(3):  # three steps: momentum carries over
             k.gs_update(dx, dg, dm, dxin, n, p, eps=eps, step=step, decay=1.0, l1_scope=scope,
@@ -150,7 +152,7 @@ def test_ap_update_gpu_equals_host(gpu, host, shape):
     k, dev = gpu
     rng = np.random.default_rng(3)
     x, g, _, x_in = _case(rng, shape, tie=True)
-    n, p = twin.split_np(x)
+    n, p = checks.split_np(x)
     dx, dg, dxin = dev.put(x), dev.put(g), dev.put(x_in)
     k.ap_update(dx, dg, dxin, n, p, eps=6 / 255, step=6 / 255 / 50, stream=dev.stream)
     host.ap_update(x, g, x_in, eps=6 / 255, step=6 / 255 / 50)
@@ -163,7 +165,7 @@ def test_blur_gpu_equals_pillow_exact(gpu, host, shape, sigma):
     k, dev = gpu
     x = np.random.default_rng(int(sigma * 10)).random(shape, dtype=F32)
     ref = blur_images(x, sigma)
-    planes, h, w = twin.planes_hw(x)
+    planes, h, w = checks.planes_hw(x)
     dx, dout = dev.put(x), dev.put(np.zeros_like(x))
     k.blur(dx, dout, planes, h, w, box_blur_weights(sigma), stream=dev.stream)
     assert_bits_equal(dev.get(dout, x), ref, f"blur {shape} sigma={sigma} plan={zc.blur_plan(h, w)}")
@@ -183,7 +185,7 @@ def test_pycuda_binding(host):
         rng = np.random.default_rng(0)
         for scope in ("sample", "batch"):
             x, g, m, x_in = _case(rng, (3, 3, 33, 31), tie=True)
-            n, p = twin.split_np(x)
+            n, p = checks.split_np(x)
             dx, dg, dm, dxin = dev.put(x), dev.put(g), dev.put(m), dev.put(x_in)
             pk.gs_update(dx, dg, dm, dxin, n, p, eps=2 / 255, step=1 / 255, decay=1.0, l1_scope=scope, stream=None)
             host.gs_update(x, g, m, x_in, eps=2 / 255, step=1 / 255, decay=1.0, l1_scope=scope)

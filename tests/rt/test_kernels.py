@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from zeropur_rt.blur import blur_images, box_blur_weights
+from zeropur_rt.kernels import checks
 from zeropur_rt.kernels import numpy_twin as twin
 from zeropur_rt.kernels import host as host_mod
 
@@ -427,19 +428,19 @@ def test_header_compiles_as_plain_c_and_cpp(tmp_path):
 
 def test_nvrtc_compiles_to_ptx_without_gpu():
     try:
-        from zeropur_rt.kernels import cuda as zc
+        from zeropur_rt.kernels import cuda_images
     except ImportError as e:  # pragma: no cover
         pytest.skip(str(e))
-    ok, why = zc.nvrtc_available()
+    ok, why = cuda_images.nvrtc_available()
     if not ok:
         pytest.skip(f"{why} (pip install cuda-python nvidia-cuda-nvrtc)")
-    ptx, kind = zc.nvrtc_compile("compute_80")
+    ptx, kind = cuda_images.nvrtc_compile("compute_80")
     assert kind == "ptx" and ptx.endswith(b"\0")
     text = ptx.rstrip(b"\0").decode()
-    for name in zc.KERNEL_NAMES:
+    for name in cuda_images.KERNEL_NAMES:
         assert f".entry {name}(" in text
     assert "fma." not in text and "div.rn.f32" in text
-    cubin, kind = zc.nvrtc_compile("sm_87")
+    cubin, kind = cuda_images.nvrtc_compile("sm_87")
     assert kind == "cubin" and cubin[:4] == b"\x7fELF"
 
 
@@ -535,7 +536,7 @@ def emu(tmp_path_factory):
 def test_cuda_gs_ap_kernels_emulated(emu, shape, scope):
     rng = np.random.default_rng(21)
     x, g, m, x_in = make_case(rng, shape, zero_grad_samples=(0,) if shape[0] > 1 else (), tie_frac=0.2)
-    n, p = twin.split_np(x)
+    n, p = checks.split_np(x)
     xa, ma, xb, mb, l1 = x.copy(), m.copy(), x.copy(), m.copy(), np.zeros(n, F32)
     eps, step = F32(2 / 255), F32(2 / 255)
     for _ in range(2):
@@ -560,7 +561,7 @@ def test_cuda_blur_kernel_emulated(emu, shape, max_smem, mode, sigma):
     x = rng.random(shape, dtype=F32)
     ref = blur_images(x, sigma)
     w = box_blur_weights(sigma)
-    planes, h, wd = twin.planes_hw(x)
+    planes, h, wd = checks.planes_hw(x)
     for inplace in (False, True):
         out = x.copy() if inplace else np.zeros_like(x)
         lines = emu.emu_blur(x.ctypes.data if not inplace else out.ctypes.data, out.ctypes.data, planes, h, wd,

@@ -34,8 +34,9 @@ def test_workers_split_a_batch_and_give_the_unsplit_bytes(art20, cifar, randomis
     whole = Purifier.load(art20, threads=1, workers=1, overrides=over, seed=5)
     split = Purifier.load(art20, threads=1, workers=3, overrides=over, seed=5)
     assert (whole.workers, split.workers) == (1, 3)
-    a, pa, ta, ia = whole.purify_and_classify(x, timings=True, iterates=True)
-    b, pb, tb, ib = split.purify_and_classify(x, timings=True, iterates=True)
+    ra = whole.run(x, classify=True, timings=True, iterates=True)
+    rb = split.run(x, classify=True, timings=True, iterates=True)
+    (a, pa, ta, ia), (b, pb, tb, ib) = [(r.images, r.labels, r.times, r.iterates) for r in (ra, rb)]
     assert a.tobytes() == b.tobytes() and np.array_equal(pa, pb)
     assert len(ib.gs_x) == 3 and len(ib.ap_x) == 4
     for u, v in zip([*ia.gs_x, ia.coarse, *ia.ap_x], [*ib.gs_x, ib.coarse, *ib.ap_x]):
@@ -49,7 +50,7 @@ def test_workers_split_a_batch_and_give_the_unsplit_bytes(art20, cifar, randomis
     with pytest.raises(ConfigError, match="on cuda use workers=1"):
         Purifier.load(art20, device="cuda", workers=2)
     split.close()
-    assert all(w.runner is None for w in split._shards)
+    assert all(w.runner is None for w in split._workers.loops)
 
 
 def test_single_image_session(art20, cifar):
@@ -87,9 +88,9 @@ def test_input_forms_agree(art20, cifar, cifar_uint8):
     p = Purifier.load(art20, overrides=dict(gs_steps=2, ap_steps=2))
     a = p.purify(cifar[0][:2])
     assert np.array_equal(p.purify(u8, uint8_nhwc=True), a)
-    out, pred, st = p.purify_and_classify(cifar[0][:2], timings=True)
-    assert np.array_equal(out, a) and pred.shape == (2,)
-    assert set(st.seconds) == {"blur", "gs_engine", "gs_update", "ap_setup", "ap_engine", "ap_update", "classify"}
+    res = p.run(cifar[0][:2], classify=True, timings=True)
+    assert np.array_equal(res.images, a) and res.labels.shape == (2,) and res.iterates is None
+    assert set(res.times.seconds) == {"blur", "gs_engine", "gs_update", "ap_setup", "ap_engine", "ap_update", "classify"}
 
 
 BAD = [

@@ -2,7 +2,10 @@
 
 * :mod:`.numpy_twin` -- the numpy definition (test oracle, last-resort fallback).
 * :mod:`.host` -- ctypes bindings of the C ABI host library; ``load_host_kernels()``.
-* :mod:`.cuda` -- CUDA kernels via cuda-python (driver API + NVRTC) or pycuda.
+* :mod:`.cuda` -- CUDA kernels launched via cuda-python (driver API) or pycuda; their image (prebuilt
+  fatbin, NVRTC) comes from :mod:`.cuda_images`.
+* :mod:`.checks` -- the argument checks all three share; :mod:`.locate` -- where their files are;
+  :mod:`.sets` -- the kernel sets the schedule drives.
 
 Nothing heavy is imported here: numpy_twin, host and cuda load on first use.
 """

@@ -1,20 +1,9 @@
-"""GPU path: the ZeroPur CUDA kernels through NVIDIA cuda-python (driver API + NVRTC) or pycuda.
+"""GPU path: the ZeroPur CUDA kernels launched through NVIDIA cuda-python (driver API) or pycuda.
 
 Every import of cuda-python / pycuda is lazy (inside functions), so importing this
-module costs nothing on machines without CUDA.
-
-Kernel image, first that fits the device wins:
-
-1. the prebuilt fatbin ``zeropur_kernels.fatbin`` installed next to this file by
-   CMake (``$ZEROPUR_CUDA_FATBIN`` overrides the path), when its sidecar
-   ``zeropur_kernels.archs`` lists a cubin for the device's major architecture
-   with a minor <= the device's, or PTX of an architecture <= the device's
-   (the driver JIT-compiles it);
-2. ``zeropur_kernels.cu`` compiled at run time by NVRTC with ``--fmad=false``:
-   a cubin for the device's sm, or PTX of the newest architecture NVRTC knows
-   that is <= the device's;
-3. (pycuda only, if cuda-python's NVRTC is missing) ``pycuda.compiler.compile``
-   (runs nvcc).
+module costs nothing on machines without CUDA. The kernel image (prebuilt fatbin,
+NVRTC, nvcc) is found or compiled by ``zeropur_rt.kernels.cuda_images``; the
+arguments are checked by ``zeropur_rt.kernels.checks`` before a launch.
 
 Launches take raw device pointers (ints) and run on the caller's stream:
 ``CudaKernels`` takes a ``CUstream`` (a ``cuda.bindings.driver.CUstream`` or its
@@ -25,216 +14,29 @@ values for the updates, ``planes`` = N*C planes of H x W for the blur.
 """
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from zeropur_rt.blur import BoxBlurWeights
-from zeropur_rt.cuda_driver import cu_check, cu_errstr, import_driver, release_primary_context, usable_current_context
-from zeropur_rt.kernels import numpy_twin as _twin
-
-KERNEL_DIR = Path(__file__).resolve().parent
-SOURCE_NAME = "zeropur_kernels.cu"
-HEADER_NAME = "zeropur_kernels.h"
-FATBIN_NAME = "zeropur_kernels.fatbin"
-ARCHS_NAME = "zeropur_kernels.archs"
-FATBIN_ENV = "ZEROPUR_CUDA_FATBIN"
+from zeropur_rt.cuda_driver import cu_check, cu_errstr, release_primary_context, usable_current_context
+from zeropur_rt.kernels.checks import MAX_PLANE, check_blur_launch, check_gs_scalars, check_np, check_ptr, check_scalar
+from zeropur_rt.kernels.cuda_images import (KERNEL_NAMES, CudaKernelError, fatbin_archs, fatbin_fits, find_fatbin,
+                                            import_cuda_python, kernel_images, nvcc_image, nvrtc_image_for)
 
 LANES = 256  # ZP_LANES: block size of the GS-update / L1 kernels (one block per sample)
 BLUR_THREADS = 256
 BLUR_MAX_SMEM = 48 * 1024  # ZP_BLUR_MAX_SMEM: no opt-in attribute needed on any GPU
 AP_THREADS = 256
 AP_MAX_BLOCKS = 65535 * 8
-MAX_GRID_X = 0x7FFFFFFF
-KERNEL_NAMES = ("zp_gs_update_kernel", "zp_l1_kernel", "zp_ap_update_kernel", "zp_blur_kernel")
-NVRTC_OPTIONS = ("--fmad=false", "--std=c++11")
-
-
-class CudaKernelError(RuntimeError):
-    pass
-
-
-# ------------------------------------------------------------------ sources
-
-
-def _search_dirs() -> list[Path]:
-    dirs: list[Path] = []
-    pkg = sys.modules.get("zeropur_rt.kernels")
-    for d in list(getattr(pkg, "__path__", []) or []):
-        dirs.append(Path(d))
-    dirs.append(KERNEL_DIR)
-    return dirs
-
-
-def _find_file(name: str) -> Path | None:
-    for d in _search_dirs():
-        p = d / name
-        if p.is_file():
-            return p
-    return None
-
-
-def kernel_source() -> tuple[bytes, bytes]:
-    """(zeropur_kernels.cu, zeropur_kernels.h) as bytes."""
-    cu, h = _find_file(SOURCE_NAME), _find_file(HEADER_NAME)
-    if cu is None or h is None:
-        raise CudaKernelError(f"{SOURCE_NAME}/{HEADER_NAME} not found in {_search_dirs()}")
-    return cu.read_bytes(), h.read_bytes()
-
-
-def find_fatbin() -> Path | None:
-    env = os.environ.get(FATBIN_ENV)
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    return _find_file(FATBIN_NAME)
-
-
-def fatbin_archs(fatbin: Path) -> tuple[list[int], int | None] | None:
-    """(cubin SMs, PTX arch) from the sidecar written by CMake, or None if absent."""
-    side = fatbin.with_name(ARCHS_NAME)
-    if not side.is_file():
-        return None
-    sms: list[int] = []
-    ptx = None
-    for line in side.read_text().splitlines():
-        key, _, rest = line.partition(" ")
-        if key == "sm":
-            sms = [int(v) for v in rest.split()]
-        elif key == "ptx" and rest.strip():
-            ptx = int(rest.strip())
-    return sms, ptx
-
-
-def fatbin_fits(archs: tuple[list[int], int | None] | None, cc: tuple[int, int]) -> bool:
-    """Does the fatbin hold a cubin (same major, minor <= device) or PTX (<= device) for cc?"""
-    if archs is None:
-        return True  # unknown: try loading, fall back to NVRTC on failure
-    sms, ptx = archs
-    major, minor = cc
-    dev = major * 10 + minor
-    if any(s // 10 == major and s % 10 <= minor for s in sms):
-        return True
-    return ptx is not None and ptx <= dev
-
-
-# --------------------------------------------------------------------- NVRTC
-
-
-def _import_cuda_python() -> tuple[Any, Any]:
-    driver = import_driver()
-    try:
-        from cuda.bindings import nvrtc  # cuda-python >= 12.6
-    except ImportError:
-        from cuda import nvrtc  # type: ignore[no-redef]  # older cuda-python
-    return driver, nvrtc
-
-
-def _nvrtc_check(nvrtc: Any, result: Any, what: str) -> Any:
-    err = result[0]
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        _, msg = nvrtc.nvrtcGetErrorString(err)
-        raise CudaKernelError(f"{what}: {msg.decode() if isinstance(msg, bytes) else msg}")
-    return result[1] if len(result) == 2 else result[1:]
-
-
-def nvrtc_compile(arch: str, *, output: str = "auto", extra_options: tuple[str, ...] = ()) -> tuple[bytes, str]:
-    """Compile zeropur_kernels.cu with cuda-python's NVRTC; needs no GPU.
-
-    ``arch``: ``"sm_80"`` (cubin by default) or ``"compute_80"`` (PTX).
-    ``output``: "auto", "ptx" or "cubin". Returns (image bytes, "ptx"|"cubin"); PTX
-    is NUL-terminated as cuModuleLoadData wants it.
-    """
-    _, nvrtc = _import_cuda_python()
-    src, hdr = kernel_source()
-    if output == "auto":
-        output = "cubin" if arch.startswith("sm_") else "ptx"
-    prog = _nvrtc_check(nvrtc, nvrtc.nvrtcCreateProgram(src, SOURCE_NAME.encode(), 1, [hdr],
-                                                        [HEADER_NAME.encode()]), "nvrtcCreateProgram")
-    try:
-        opts = [f"--gpu-architecture={arch}".encode()] + [o.encode() for o in NVRTC_OPTIONS + tuple(extra_options)]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            size = _nvrtc_check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-            log = b" " * size
-            nvrtc.nvrtcGetProgramLog(prog, log)
-            raise CudaKernelError(f"NVRTC failed to compile {SOURCE_NAME} for {arch}:\n"
-                                  f"{log.decode(errors='replace')}")
-        if output == "cubin":
-            size = _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-            buf = b" " * size
-            _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBIN(prog, buf) + (None,), "nvrtcGetCUBIN")
-            return buf, "cubin"
-        size = _nvrtc_check(nvrtc, nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-        buf = b" " * size  # size includes the terminating NUL
-        _nvrtc_check(nvrtc, nvrtc.nvrtcGetPTX(prog, buf) + (None,), "nvrtcGetPTX")
-        return buf, "ptx"
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-
-
-def nvrtc_image_for(cc: tuple[int, int]) -> tuple[bytes, str]:
-    """NVRTC image for a device: a cubin for its sm, else PTX of the newest arch <= it."""
-    _, nvrtc = _import_cuda_python()
-    dev = cc[0] * 10 + cc[1]
-    try:
-        supported = list(_nvrtc_check(nvrtc, nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs"))
-    except (CudaKernelError, AttributeError):
-        supported = []
-    if not supported or dev in supported:
-        try:
-            return nvrtc_compile(f"sm_{dev}", output="cubin")
-        except CudaKernelError:
-            if not supported:
-                raise
-    below = [a for a in supported if a <= dev]
-    if not below:
-        raise CudaKernelError(f"NVRTC supports {supported}, none <= sm_{dev}")
-    return nvrtc_compile(f"compute_{max(below)}", output="ptx")
-
-
-def kernel_images(cc: tuple[int, int], *, allow_nvrtc: bool = True) -> list[tuple[str, Any]]:
-    """Candidate kernel images for a device, best first: (description, thunk -> bytes).
-
-    Thunks are lazy so that NVRTC only runs when the prebuilt fatbin is absent,
-    does not fit, or fails to load.
-    """
-    out: list[tuple[str, Any]] = []
-    fb = find_fatbin()
-    if fb is not None and fatbin_fits(fatbin_archs(fb), cc):
-        out.append((f"prebuilt {fb}", fb.read_bytes))
-    if allow_nvrtc:
-        out.append((f"NVRTC for sm_{cc[0]}{cc[1]}", lambda: nvrtc_image_for(cc)[0]))
-    return out
 
 
 # ------------------------------------------------------------ launch plans
 
 
-def _check_ptr(name: str, v: Any) -> int:
-    p = int(v)
-    if p <= 0:
-        raise ValueError(f"{name} must be a non-NULL device pointer, got {v!r}")
-    return p
-
-
-def _check_np(n: Any, p: Any) -> tuple[int, int]:
-    for name, v in (("n", n), ("p", p)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-    n, p = int(n), int(p)
-    if n > MAX_GRID_X:
-        raise ValueError(f"batch size {n} exceeds the grid limit {MAX_GRID_X}")
-    if n * p >= 1 << 63:
-        raise ValueError("n * p overflows int64")
-    return n, p
-
-
 def blur_plan(h: int, w: int, max_smem: int = BLUR_MAX_SMEM) -> tuple[int, int]:
     """(lines, dynamic smem bytes) of zp_blur_kernel; mirrors zp_blur_plan() in the header."""
-    if h <= 0 or w <= 0 or h * w > _twin.MAX_PLANE:
+    if h <= 0 or w <= 0 or h * w > MAX_PLANE:
         raise ValueError(f"bad blur plane {h}x{w}")
     if 2 * h * w <= max_smem:
         return 0, 2 * h * w
@@ -243,20 +45,6 @@ def blur_plan(h: int, w: int, max_smem: int = BLUR_MAX_SMEM) -> tuple[int, int]:
     if lines < 1:
         raise ValueError(f"blur line of {longest} pixels does not fit {max_smem} bytes of shared memory")
     return lines, 2 * lines * longest
-
-
-def _blur_args(planes: Any, h: Any, w: Any, weights: BoxBlurWeights | float) -> tuple[int, int, int, BoxBlurWeights]:
-    for name, v in (("planes", planes), ("h", h), ("w", w)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
-    if int(planes) > MAX_GRID_X:
-        raise ValueError(f"{planes} planes exceed the grid limit")
-    return int(planes), int(h), int(w), _twin.blur_weights(weights)
-
-
-def _gs_args(eps, step, decay, l1_scope):
-    return (_twin.check_scalar("eps", eps), _twin.check_scalar("step", step),
-            _twin.check_scalar("decay", decay), _twin.check_scope(l1_scope))
 
 
 def _ap_blocks(total: int) -> int:
@@ -277,7 +65,7 @@ class CudaKernels:
     BACKEND = "cuda-python"
 
     def __init__(self, device: int = 0, *, allow_nvrtc: bool = True):
-        drv, _ = _import_cuda_python()
+        drv, _ = import_cuda_python()
         self._drv = drv
         self._check(drv.cuInit(0), "cuInit")
         self._retained = None
@@ -364,11 +152,11 @@ class CudaKernels:
 
     # -- kernels (device pointers as ints; sizes validated)
     def l1_norms(self, grad: int, l1_out: int, n: int, p: int, *, stream: Any = 0) -> None:
-        n, p = _check_np(n, p)
+        n, p = check_np(n, p)
         if n == 0:
             return
         self._launch("zp_l1_kernel", n, LANES, 0, stream,
-                     [(_check_ptr("grad", grad) if p else 0, np.uint64), (_check_ptr("l1_out", l1_out), np.uint64),
+                     [(check_ptr("grad", grad) if p else 0, np.uint64), (check_ptr("l1_out", l1_out), np.uint64),
                       (p, np.int64)])
 
     def gs_update(self, x: int, grad: int, m: int, x_in: int, n: int, p: int, *, eps: float, step: float,
@@ -379,11 +167,11 @@ class CudaKernels:
         "batch" it defaults to a buffer cached on this object (pass your own when
         launching concurrently on several streams).
         """
-        eps, step, decay, scope = _gs_args(eps, step, decay, l1_scope)
-        n, p = _check_np(n, p)
+        eps, step, decay, scope = check_gs_scalars(eps, step, decay, l1_scope)
+        n, p = check_np(n, p)
         if n == 0 or p == 0:
             return
-        ptrs = [(_check_ptr(k, v), np.uint64) for k, v in (("x", x), ("grad", grad), ("m", m), ("x_in", x_in))]
+        ptrs = [(check_ptr(k, v), np.uint64) for k, v in (("x", x), ("grad", grad), ("m", m), ("x_in", x_in))]
         scratch = int(l1_scratch) if l1_scratch else (self._get_scratch(n) if scope == 1 else 0)
         if scope == 1:
             self._launch("zp_l1_kernel", n, LANES, 0, stream, [ptrs[1], (scratch, np.uint64), (p, np.int64)])
@@ -393,25 +181,25 @@ class CudaKernels:
 
     def ap_update(self, x: int, grad: int, x_in: int, n: int, p: int, *, eps: float, step: float,
                   stream: Any = 0) -> None:
-        eps, step = _twin.check_scalar("eps", eps), _twin.check_scalar("step", step)
-        n, p = _check_np(n, p)
+        eps, step = check_scalar("eps", eps), check_scalar("step", step)
+        n, p = check_np(n, p)
         total = n * p
         if total == 0:
             return
         self._launch("zp_ap_update_kernel", _ap_blocks(total), AP_THREADS, 0, stream,
-                     [(_check_ptr("x", x), np.uint64), (_check_ptr("grad", grad), np.uint64),
-                      (_check_ptr("x_in", x_in), np.uint64), (total, np.int64), (eps, np.float32),
+                     [(check_ptr("x", x), np.uint64), (check_ptr("grad", grad), np.uint64),
+                      (check_ptr("x_in", x_in), np.uint64), (total, np.int64), (eps, np.float32),
                       (step, np.float32)])
 
     def blur(self, x: int, out: int, planes: int, h: int, w: int, weights: BoxBlurWeights | float, *,
              stream: Any = 0) -> None:
         """Pillow-exact blur of ``planes`` float32 planes of h x w (out may equal x)."""
-        planes, h, w, wt = _blur_args(planes, h, w, weights)
+        planes, h, w, wt = check_blur_launch(planes, h, w, weights)
         if planes == 0 or h == 0 or w == 0:
             return
         lines, smem = blur_plan(h, w)
         self._launch("zp_blur_kernel", planes, BLUR_THREADS, smem, stream,
-                     [(_check_ptr("x", x), np.uint64), (_check_ptr("out", out), np.uint64), (h, np.int32),
+                     [(check_ptr("x", x), np.uint64), (check_ptr("out", out), np.uint64), (h, np.int32),
                       (w, np.int32), (wt.radius, np.int32), (wt.ww, np.uint32), (wt.fw, np.uint32),
                       (lines, np.int32)])
 
@@ -461,12 +249,7 @@ class PyCudaKernels:
         except Exception as e:  # cuda-python/NVRTC missing or failed
             errors.append(f"NVRTC: {e}")
         try:
-            from pycuda.compiler import compile as nvcc_compile
-
-            src, _ = kernel_source()
-            cubin = nvcc_compile(src.decode(), options=["--fmad=false"], no_extern_c=True,
-                                 include_dirs=[str(_find_file(HEADER_NAME).parent)])
-            return self._drv.module_from_buffer(cubin), "pycuda.compiler (nvcc)"
+            return self._drv.module_from_buffer(nvcc_image()), "pycuda.compiler (nvcc)"
         except Exception as e:
             errors.append(f"pycuda.compiler: {e}")
         raise CudaKernelError("no usable ZeroPur kernel image: " + "; ".join(errors))
@@ -515,7 +298,7 @@ class PyCudaKernels:
 def cuda_python_available() -> tuple[bool, str]:
     """(True, "") if cuda-python imports and a CUDA device is visible, else (False, reason)."""
     try:
-        drv, _ = _import_cuda_python()
+        drv, _ = import_cuda_python()
     except ImportError as e:
         return False, f"cuda-python not importable: {e}"
     try:
@@ -528,14 +311,3 @@ def cuda_python_available() -> tuple[bool, str]:
     if err != drv.CUresult.CUDA_SUCCESS or count == 0:
         return False, "no CUDA device"
     return True, ""
-
-
-def nvrtc_available() -> tuple[bool, str]:
-    try:
-        _, nvrtc = _import_cuda_python()
-        err, major, minor = nvrtc.nvrtcVersion()
-    except Exception as e:
-        return False, f"NVRTC not available: {type(e).__name__}: {e}"
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        return False, f"nvrtcVersion failed: {err}"
-    return True, f"{major}.{minor}"

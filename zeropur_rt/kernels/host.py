@@ -6,15 +6,8 @@
 ``logging`` warning, never silently -- the numpy twin itself when the library is
 missing or unloadable. Both carry ``BACKEND`` ("host" or "numpy").
 
-Where the library is looked for, first hit wins:
-
-1. ``$ZEROPUR_HOST_LIB`` (a file path; if set and unloadable: warning + numpy).
-2. every directory of the ``zeropur_rt.kernels`` package ``__path__``. In a
-   scikit-build-core editable install (redirect mode) that list holds the
-   install tree ``site-packages/zeropur_rt/kernels`` (where CMake installs the
-   library) before the source folder; in a regular install it is the one
-   installed package folder.
-3. ``zeropur_rt/kernels`` under the interpreter's platlib / purelib.
+The library is ``$ZEROPUR_HOST_LIB`` (a file path; if set and unloadable: warning + numpy), else the
+first found where ``zeropur_rt.kernels.locate`` looks.
 """
 from __future__ import annotations
 
@@ -23,14 +16,15 @@ import functools
 import logging
 import os
 import sys
-import sysconfig
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from zeropur_rt.blur import BoxBlurWeights
+from zeropur_rt.kernels import checks
 from zeropur_rt.kernels import numpy_twin as _twin
+from zeropur_rt.kernels.locate import find_file, search_dirs
 
 log = logging.getLogger(__name__)
 
@@ -49,36 +43,12 @@ _c_f = ctypes.c_float
 _c_p = ctypes.c_void_p
 
 
-def candidate_paths() -> Iterator[Path]:
-    """Where the host library may be, in search order (ignores $ZEROPUR_HOST_LIB)."""
-    seen: set[str] = set()
-    dirs: list[Path] = []
-    pkg = sys.modules.get("zeropur_rt.kernels")
-    for d in list(getattr(pkg, "__path__", []) or []):
-        dirs.append(Path(d))
-    dirs.append(Path(__file__).resolve().parent)
-    for key in ("platlib", "purelib"):
-        try:
-            dirs.append(Path(sysconfig.get_paths()[key]) / "zeropur_rt" / "kernels")
-        except KeyError:
-            pass
-    for d in dirs:
-        p = d / LIB_NAME
-        k = str(p)
-        if k not in seen:
-            seen.add(k)
-            yield p
-
-
 def find_host_library() -> Path | None:
-    """The first existing candidate (or $ZEROPUR_HOST_LIB as given), else None."""
+    """$ZEROPUR_HOST_LIB as given, else the library found by ``locate.find_file``, else None."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    for p in candidate_paths():
-        if p.is_file():
-            return p
-    return None
+    return find_file(LIB_NAME)
 
 
 class HostKernels:
@@ -121,8 +91,8 @@ class HostKernels:
         return float(np.float32(v))
 
     def l1_norms(self, grad: np.ndarray) -> np.ndarray:
-        _twin.check_array("grad", grad)
-        n, p = _twin.split_np(grad)
+        checks.check_array("grad", grad)
+        n, p = checks.split_np(grad)
         out = np.zeros(n, dtype=np.float32)
         if n:
             self._check(self._lib.zp_host_l1_norms(grad.ctypes.data, n, p, out.ctypes.data),
@@ -131,8 +101,8 @@ class HostKernels:
 
     def gs_update(self, x: np.ndarray, grad: np.ndarray, m: np.ndarray, x_in: np.ndarray, *,
                   eps: float, step: float, decay: float, l1_scope: str = "sample") -> None:
-        eps, step, decay, scope = _twin.validate_gs(x, grad, m, x_in, eps, step, decay, l1_scope)
-        n, p = _twin.split_np(x)
+        eps, step, decay, scope = checks.validate_gs(x, grad, m, x_in, eps, step, decay, l1_scope)
+        n, p = checks.split_np(x)
         if n == 0 or p == 0:
             return
         rc = self._lib.zp_host_gs_update(x.ctypes.data, grad.ctypes.data, m.ctypes.data,
@@ -142,8 +112,8 @@ class HostKernels:
 
     def ap_update(self, x: np.ndarray, grad: np.ndarray, x_in: np.ndarray, *, eps: float,
                   step: float) -> None:
-        eps, step = _twin.validate_ap(x, grad, x_in, eps, step)
-        n, p = _twin.split_np(x)
+        eps, step = checks.validate_ap(x, grad, x_in, eps, step)
+        n, p = checks.split_np(x)
         if n == 0 or p == 0:
             return
         rc = self._lib.zp_host_ap_update(x.ctypes.data, grad.ctypes.data, x_in.ctypes.data, n, p,
@@ -151,9 +121,9 @@ class HostKernels:
         self._check(rc, "zp_host_ap_update")
 
     def blur_into(self, x: np.ndarray, out: np.ndarray, weights: BoxBlurWeights | float) -> None:
-        _twin.validate_blur(x, out)
-        w = _twin.blur_weights(weights)
-        planes, h, wd = _twin.planes_hw(x)
+        checks.validate_blur(x, out)
+        w = checks.blur_weights(weights)
+        planes, h, wd = checks.planes_hw(x)
         if x.size == 0:
             return
         rc = self._lib.zp_host_blur(x.ctypes.data, out.ctypes.data, planes, h, wd, w.radius, w.ww,
@@ -161,7 +131,7 @@ class HostKernels:
         self._check(rc, "zp_host_blur")
 
     def blur(self, x: np.ndarray, sigma: BoxBlurWeights | float) -> np.ndarray:
-        _twin.check_array("x", x, ndim_min=2)
+        checks.check_array("x", x, ndim_min=2)
         out = np.empty_like(x)
         self.blur_into(x, out, sigma)
         return out
@@ -174,7 +144,7 @@ def _load(path: str | None, env: str | None) -> Any:
         log.warning(
             "zeropur_rt: host kernel library %s not found (searched $%s and %s); "
             "falling back to the numpy twin (bit-identical, slower)",
-            LIB_NAME, ENV_VAR, ", ".join(str(p.parent) for p in candidate_paths()))
+            LIB_NAME, ENV_VAR, ", ".join(str(d) for d in search_dirs()))
         return _twin
     try:
         return HostKernels(path)

@@ -1,4 +1,4 @@
-"""Runners: execute one exported graph on their buffers (see ``zeropur_rt.schedule.Runner``).
+"""Runners: execute one exported graph on their buffers (see ``zeropur_rt.runners.base.Runner``).
 
 * ``onnxruntime``: ONNX Runtime, CPU or (onnxruntime-gpu) its CUDA / TensorRT execution providers; host buffers.
 * ``tensorrt``: prebuilt TensorRT engines on device buffers, CUDA-graph capture of the whole loop.

@@ -5,24 +5,26 @@ Engines are built by ``zeropur-export build-engines DIR`` and recorded in the ma
 that batch's input shapes set once; tensor addresses are set on every call (host-side only, so a
 captured CUDA graph sees the loop's fixed buffers). All engines run one after the other on the
 runner's stream and share one activation scratch buffer. The pipeline drives it through the same
-schedule as every other runner; its kernels are the CUDA kernels on this stream.
+schedule as every other runner, with the CUDA kernels launched on this stream.
 
 CUDA graphs with enqueueV3 (one plain enqueue at the same shapes before capture):
   https://docs.nvidia.com/deeplearning/tensorrt/latest/performance/best-practices.html#cuda-graphs
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from zeropur_rt.cuda_driver import CudaDevice, CudaError, parse_device
-from zeropur_rt.engine_record import BUILD_CMD, check_batch, select_engines
+from zeropur_rt.engine_record import BUILD_CMD, select_engines
 from zeropur_rt.manifest import ArtifactError, Manifest
 from zeropur_rt.runners.base import DeviceBuffer
 from zeropur_rt.runners.trt_engine import TrtEngine, import_tensorrt, trt_logger
+from zeropur_rt.validate import check_batch
 
 
 class _Replay:
@@ -140,11 +142,10 @@ class TensorRTRunner:
     def stream_handle(self) -> Any:
         return self.stream
 
-    def cuda_kernels(self) -> Any:
-        from zeropur_rt.kernels.cuda import CudaKernels
-        from zeropur_rt.kernels.sets import CudaKernelSet
+    @contextlib.contextmanager
+    def device_context(self) -> Iterator[None]:
         self.cuda.make_current()
-        return CudaKernelSet(CudaKernels(self.ordinal), self.stream_handle)
+        yield
 
     def capture(self, enqueue: Callable[[], None]) -> _Replay | None:
         """The work ``enqueue`` issues on this stream as a CUDA graph, or None (with a warning) if the

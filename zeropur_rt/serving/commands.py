@@ -70,7 +70,7 @@ def run_query(args: argparse.Namespace) -> int:
         import tritonclient.http as httpclient
     except ImportError:
         raise ImportError("zeropur-rt query needs tritonclient: pip install 'zeropur-rt[serve]'") from None
-    from zeropur_rt.images import read_images
+    from zeropur_rt.datasets import read_dataset
 
     if args.batch <= 0:
         raise ValueError(f"--batch must be positive, got {args.batch}")
@@ -87,7 +87,8 @@ def run_query(args: argparse.Namespace) -> int:
                               + ("" if args.wait else " (--wait SECONDS waits for a server that is starting)")) from None
             time.sleep(1)
     dims = next(i["shape"] for i in meta["inputs"] if i["name"] == "IMAGE")
-    x, y, names = read_images(args.input, [int(d) for d in dims[1:]], args.resize)
+    images = read_dataset(args.input, [int(d) for d in dims[1:]], resize=args.resize, labels=False)
+    x, y, names = images.x, images.y, images.names
     labels = []
     for i in range(0, len(x), args.batch):
         inp = httpclient.InferInput("IMAGE", list(x[i:i + args.batch].shape), "FP32")

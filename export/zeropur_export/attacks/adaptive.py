@@ -131,7 +131,7 @@ class TrajectoryBPDAModel(_Purified):
         if int(points) < 1:
             raise ValueError(f"points must be >= 1, got {points}")
         self.purifier, self.points = purifier, int(points)
-        self.memo = _LastPurification(lambda a: self.purifier.purify(a, iterates=True))
+        self.memo = _LastPurification(lambda a: self.purifier.run(a, iterates=True))
 
     def path(self, out: np.ndarray, it: Any) -> list[np.ndarray]:
         """The chosen iterates; the input itself (step 0 of GS and of AP) is left out: BPDA there is no purifier."""
@@ -141,8 +141,8 @@ class TrajectoryBPDAModel(_Purified):
         return [full[i] for i in picks]
 
     def sample(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        out, it = self.memo(_host(x)) if self.eot == 1 else self.purifier.purify(_host(x), iterates=True)
-        pts = [torch.from_numpy(np.asarray(p)).to(x.device) for p in self.path(out, it)]
+        res = self.memo(_host(x)) if self.eot == 1 else self.purifier.run(_host(x), iterates=True)
+        pts = [torch.from_numpy(np.asarray(p)).to(x.device) for p in self.path(res.images, res.iterates)]
         final = self.victim(substitute(x, pts[-1]))
         mean = torch.stack([self.victim(substitute(x, p)) for p in pts]).mean(0)
         # value: the logits of the output; gradient: the mean over the path

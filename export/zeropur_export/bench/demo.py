@@ -64,10 +64,10 @@ def run_demo(model: str, args: argparse.Namespace) -> dict[str, Any]:
         for name, inp in (("clean", xb), ("pgd", adv)):
             correct[name] += int((pur.classify(inp) == yb).sum())
             t0 = time.perf_counter()
-            _, pred, st = pur.purify_and_classify(inp, timings=True)
+            res = pur.run(inp, classify=True, timings=True)
             secs["purify"] += time.perf_counter() - t0
-            correct[name + "_purified"] += int((pred == yb).sum())
-            for k, v in st.seconds.items():
+            correct[name + "_purified"] += int((res.labels == yb).sum())
+            for k, v in res.times.seconds.items():
                 stage_s[k] += v
     total = sum(stage_s.values()) or 1.0
     result = dict(model=model, n=args.n, seed=args.seed, rows=[0, args.n], recipe=recipe, data=args.data_name,

@@ -42,9 +42,9 @@ class ReferencePurifier:
 
     def purify(self, x: torch.Tensor, iterates: bool = False):
         """Purified images (the AP output; the GS output when ``ap_steps == 0``), as a tensor on the
-        victim's device; with ``iterates=True`` also the run's ``zeropur_rt.pipeline.Iterates``."""
-        out = self.pipeline.purify(self._host(x), iterates=iterates)
-        return (self._out(out[0]), out[1]) if iterates else self._out(out)
+        victim's device; with ``iterates=True`` also the run's ``zeropur_rt.batch_loops.Iterates``."""
+        res = self.pipeline.run(self._host(x), iterates=iterates)
+        return (self._out(res.images), res.iterates) if iterates else self._out(res.images)
 
     def project(self, x_in: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """Adaptive Projection alone, along a given Guided Shift result."""

@@ -81,8 +81,8 @@ class TorchRunner(HostMemory):
             raise ValueError("fast=True runs the lean AP step; ap_mode='recompute' is the released code's cost, "
                              "a baseline that is measured as it is")
         self.device = str(device)
-        ordinal = parse_device(self.device)
-        self.on_device = ordinal is not None
+        self.ordinal = parse_device(self.device)
+        self.on_device = self.ordinal is not None
         if self.on_device and not torch.cuda.is_available():
             raise ValueError(f"the torch runner on {device!r} needs a GPU and a CUDA build of torch; this torch "
                              f"({torch.__version__}) sees no CUDA device: use device='cpu'")
@@ -91,7 +91,7 @@ class TorchRunner(HostMemory):
                              "or 'bf16'")
         if threads:
             torch.set_num_threads(threads)
-        self.dev = torch.device("cuda", ordinal) if self.on_device else torch.device("cpu")
+        self.dev = torch.device("cuda", self.ordinal) if self.on_device else torch.device("cpu")
         self.victim = victim.to(self.dev)
         self.fast, self.precision, self.autotune = fast, precision, autotune
         self.compute_victim = _fast_victim(self.victim) if fast else self.victim
@@ -211,12 +211,11 @@ class TorchRunner(HostMemory):
     def stream_handle(self) -> int:
         return torch.cuda.current_stream(self.dev).cuda_stream
 
-    def cuda_kernels(self) -> Any:
-        from zeropur_rt.kernels.cuda import CudaKernels
-        from zeropur_rt.kernels.sets import CudaKernelSet
+    @contextlib.contextmanager
+    def device_context(self) -> Iterator[None]:
         torch.zeros(1, device=self.dev)  # torch makes its primary context current before cuda-python looks
         with torch.cuda.device(self.dev):
-            return CudaKernelSet(CudaKernels(self.dev.index), self.stream_handle)
+            yield
 
     def capture(self, enqueue: Callable[[], None]) -> _TorchReplay | None:
         if not self.on_device:
