@@ -44,7 +44,7 @@ def teacher_forced(pur: Purifier, victim: Victim, x_in: np.ndarray) -> list[Pari
     ref32 = ReferencePurifier(victim, cfg)
     ref64 = ReferencePurifier(victim.to_dtype(torch.float64), cfg)
     xt = torch.from_numpy(x_in).to(dev)
-    _, trace = ref32.purify(xt, iterates=True)
+    _, trace = ref32.purify_with_iterates(xt)
     host = lambda t: t.detach().cpu().numpy()  # noqa: E731
     rows = []
     for t, x_np in enumerate(trace.gs_x):

@@ -38,6 +38,14 @@ def box_blur_weights(sigma: float, passes: int = PASSES) -> BoxBlurWeights:
     """
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"blur sigma must be a finite number >= 0, got {sigma!r}")
+    with np.errstate(over="raise", invalid="raise"):
+        try:
+            return _pillow_box(sigma, passes)
+        except (FloatingPointError, OverflowError):  # a sigma whose box Pillow's float arithmetic cannot hold
+            raise ValueError(f"blur sigma {sigma!r} overflows Pillow's float32 box-blur arithmetic") from None
+
+
+def _pillow_box(sigma: float, passes: int) -> BoxBlurWeights:
     f32 = np.float32
     s = f32(sigma)
     # _gaussian_blur_radius(): sigma2 = radius * radius / passes (float arithmetic)

@@ -330,7 +330,7 @@ def test_randomised_loop_draws_from_its_seed_on_every_runner(make, x8, victim20)
         assert np.all(np.abs(img - x) <= eps + 1e-6) and img.min() >= 0 and img.max() <= 1
     assert not np.array_equal(trace.gs_x[0], x) and not np.array_equal(trace.ap_x[0], trace.gs_x[0])
     ref = ReferencePurifier(victim20, pur.cfg, seed=5)
-    ref_out, ref_trace = ref.purify(torch.from_numpy(x), iterates=True)
+    ref_out, ref_trace = ref.purify_with_iterates(torch.from_numpy(x))
     assert np.array_equal(ref_trace.gs_x[0], trace.gs_x[0]) and np.array_equal(ref_trace.ap_x[0], trace.ap_x[0])
     with torch.no_grad():
         assert (victim20(ref_out).argmax(1).numpy() == pred).mean() >= 3 / 4

@@ -48,7 +48,7 @@ def assert_same_run(ref, v64, x: torch.Tensor, cfg, recipe: oracle.Recipe) -> No
     """The reference's iterates bit-identical to the oracle's, and its gradients at every oracle iterate equal to
     GRAD_RTOL: GS step t (blur of x_t, gradient, momentum), ILA guide, AP step t."""
     want = oracle.purify(oracle_victim(v64), x, recipe)
-    out, it = ref.purify(x, iterates=True)
+    out, it = ref.purify_with_iterates(x)
     assert len(it.gs_x) == len(want.gs_x) and len(it.ap_x) == len(want.ap_x)
     for t, (a, b) in enumerate(zip(it.gs_x, want.gs_x)):
         assert np.array_equal(a, b.numpy()), f"GS iterate {t}: max |diff| {np.abs(a - b.numpy()).max():.3e}"

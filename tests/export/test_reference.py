@@ -41,7 +41,7 @@ def test_lean_and_recompute_gradients_teacher_forced(victim20, x64):
     spread measured by the lean one in torch's two float32 orders on the same inputs."""
     from zeropur_export.graphs.parity import format_table, in_second_float32_order, parity_row
     x_in = x64[:8]
-    _, trace = ReferencePurifier(victim20, CFG).purify(x_in, iterates=True)
+    _, trace = ReferencePurifier(victim20, CFG).purify_with_iterates(x_in)
     coarse = torch.from_numpy(trace.coarse)
     v64 = victim20.to_dtype(torch.float64)
     lean, truth = ReferencePurifier(victim20, CFG, "lean"), ReferencePurifier(v64, CFG, "lean")

@@ -102,7 +102,7 @@ class ConfigScorer:
         idx = self._rows(lo, n)
         new: dict[int, list[np.ndarray]] = {s: [] for s in need}
         for i in range(0, len(idx), self.batch):
-            _, it = pur.purify(self.x[idx[i:i + self.batch]], iterates=True)
+            _, it = pur.purify_with_iterates(self.x[idx[i:i + self.batch]])
             after = [*it.gs_x, it.coarse]  # after[t]: the iterate after t GS steps (gs_x[t] is step t's input)
             for s in need:
                 new[s].append(after[s])

@@ -8,6 +8,7 @@ from zeropur_export.reference.losses import APConstants, APMode, ap_constants, a
 from zeropur_export.reference.steps import TorchKernels, input_grad
 from zeropur_export.reference.torch_runner import TorchRunner
 from zeropur_export.victims.taps import Victim
+from zeropur_rt.batch_loops import Iterates
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.pipeline import Purifier
 
@@ -40,11 +41,15 @@ class ReferencePurifier:
     def _out(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a).to(self.victim.mean.device)
 
-    def purify(self, x: torch.Tensor, iterates: bool = False):
+    def purify(self, x: torch.Tensor) -> torch.Tensor:
         """Purified images (the AP output; the GS output when ``ap_steps == 0``), as a tensor on the
-        victim's device; with ``iterates=True`` also the run's ``zeropur_rt.batch_loops.Iterates``."""
-        res = self.pipeline.run(self._host(x), iterates=iterates)
-        return (self._out(res.images), res.iterates) if iterates else self._out(res.images)
+        victim's device."""
+        return self._out(self.pipeline.run(self._host(x)).images)
+
+    def purify_with_iterates(self, x: torch.Tensor) -> tuple[torch.Tensor, Iterates]:
+        """``purify`` and the run's iterates (every GS and AP step's input, host copies)."""
+        res = self.pipeline.run(self._host(x), iterates=True)
+        return self._out(res.images), res.iterates
 
     def project(self, x_in: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """Adaptive Projection alone, along a given Guided Shift result."""
