@@ -104,7 +104,7 @@ def test_bench_bad_input_leaves_no_json(art20, tmp_path, capsys):
 
 def test_demo_runs_the_calibrated_recipe_by_default(victim20, cifar, tmp_path, capsys, monkeypatch):
     """The first run shows the shipped calibrated recipe, says so, and its artifacts are that recipe's only."""
-    from zeropur_export.artifacts import recipe_config
+    from zeropur_export.recipes import recipe_config
     from zeropur_rt.manifest import load_manifest
     monkeypatch.chdir(tmp_path)                     # the default artifacts/<model>-<recipe> lands here
     art = tmp_path / "artifacts" / "resnet20-calibrated"

@@ -91,7 +91,7 @@ def test_no_config_in_budget_exits_3_with_the_closest_miss_marked_and_reruns_fro
     # the stale {} is replaced by the closest miss, marked; build_config reads it and keeps the mark
     miss = json.loads((out / "calibrated_config.json").read_text())
     assert miss.pop("_budget").startswith("FAILS the budget") and miss == rep["fallback"]["config"]
-    from zeropur_export.artifacts import build_config
+    from zeropur_export.recipes import build_config
     cfg, prov = build_config("cifar10", out / "calibrated_config.json")
     assert cfg.to_dict() == miss and prov["budget"].startswith("FAILS")
     assert "no config kept purified clean accuracy" in capsys.readouterr().err

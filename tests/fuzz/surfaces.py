@@ -344,7 +344,7 @@ def config_json_inputs(draw: Any) -> bytes:
 
 def check_config_json(ctx: Context, data: bytes) -> str:
     """A calibrated-config file through build_config (what `zeropur-export export --config` reads)."""
-    from zeropur_export.artifacts import build_config
+    from zeropur_export.recipes import build_config
     from zeropur_rt.config import ZeroPurConfig
 
     d = ctx.fresh("config")

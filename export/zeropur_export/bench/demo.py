@@ -29,7 +29,8 @@ ATTACK = "PGD-Linf 8/255 (step 2/255, 20 steps, random start) on the bare classi
 
 def open_purifier(model: str, args: argparse.Namespace) -> tuple[str, str, Any]:
     """(recipe name, where the graphs come from, a zeropur_rt.Purifier) for ``model``."""
-    from zeropur_export.artifacts import default_recipe, load_backend, recipe_artifacts, recipe_config
+    from zeropur_export.artifacts import load_backend, recipe_artifacts
+    from zeropur_export.recipes import default_recipe, recipe_config
     recipe = args.recipe or default_recipe(model)
     if args.backend == "reference":
         from zeropur_export.reference.purifier import ReferencePurifier
@@ -46,7 +47,7 @@ def run_demo(model: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from zeropur_export.attacks.pgd import pgd_linf
-    from zeropur_export.artifacts import describe
+    from zeropur_export.recipes import describe
     from zeropur_export.victims.zoo import load_victim
 
     recipe, source, pur = open_purifier(model, args)

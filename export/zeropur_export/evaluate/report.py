@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zeropur_export.artifacts import describe
+from zeropur_export.recipes import describe
 from zeropur_export.attacks.suite import WORST
 from zeropur_rt.config import ZeroPurConfig
 
