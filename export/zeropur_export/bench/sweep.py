@@ -6,14 +6,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-
+from zeropur_export.bench.latency import bench_images, data_name, machine_info, save_fig
 from zeropur_rt.config import ZeroPurConfig
 from zeropur_rt.progress import progress
 
 if TYPE_CHECKING:
     from zeropur_export.victims.taps import Victim
-
-from zeropur_export.bench.latency import bench_images, data_name, machine_info, save_fig
 
 
 def run_sweep(args: argparse.Namespace, victim: "Victim", cfg: ZeroPurConfig, overrides: dict[str, Any], art: Path,

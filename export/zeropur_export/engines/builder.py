@@ -39,14 +39,13 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from zeropur_export.engines.fp16 import EngineBuildError, onnx_fp16_copy
 from zeropur_rt.cuda_driver import CudaDevice, CudaError
 from zeropur_rt.engine_record import (PrecisionPlan, cc_str, check_precision, engine_filename, engine_key,
                                       precision_plan, sm_tag, trt_major_minor, versions_compatible)
 from zeropur_rt.runners.trt_engine import engine_device_memory, import_tensorrt, trt_logger
 from zeropur_rt.files import atomic_write_bytes, atomic_write_json, sha256_file
 from zeropur_rt.manifest import MANIFEST, Manifest, load_manifest
-
-from zeropur_export.engines.fp16 import EngineBuildError, onnx_fp16_copy
 
 def timing_cache_path(artifact_dir: Path, cc: Sequence[int] | str, trt_version: str) -> Path:
     return artifact_dir / f"timing_cache.{sm_tag(cc)}.trt{trt_major_minor(trt_version)}.bin"

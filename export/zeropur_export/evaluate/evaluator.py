@@ -11,8 +11,8 @@ from typing import Any, Callable
 import numpy as np
 
 from zeropur_export.artifacts import ensure_artifacts, load_backend, recipe_artifacts, victim_artifacts
-from zeropur_export.recipes import default_recipe
 from zeropur_export.attacks.suite import QUERY, bits
+from zeropur_export.recipes import default_recipe
 from zeropur_rt.progress import progress
 
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from zeropur_export.recipes import build_config
 from zeropur_export.graphs.onnx_export import DEFAULT_OPSET, BatchRange, export_artifacts
+from zeropur_export.recipes import build_config
 from zeropur_export.victims.flags import add_victim_args, own_flags, preset_name, resolve_victim
 from zeropur_export.victims.weights import KNOWN_WEIGHTS, find_weights, verify_sha256
 from zeropur_export.victims.zoo import ZOO, load_victim, zoo_names

@@ -6,7 +6,7 @@ import sys
 
 from torch import nn
 
-from zeropur_export.victims.flags import (CONTRACT_FIELDS, VictimError, contract_of, add_victim_args, load_factory,
+from zeropur_export.victims.flags import (CONTRACT_FIELDS, VictimError, add_victim_args, contract_of, load_factory,
                                           resolve_victim)
 from zeropur_export.victims.taps import Victim, format_suggestion, suggest_taps
 from zeropur_rt.files import atomic_write_json
