@@ -14,12 +14,8 @@ import pytest
 from zeropur_rt import sources
 
 
-def shared_dir() -> Path:
-    return sources.shared_dir()
-
-
 def cifar10_test_path() -> Path:
-    return shared_dir() / "data" / sources.CIFAR10_NPZ
+    return sources.shared_dir() / "data" / sources.CIFAR10_NPZ
 
 
 def _need(path, what: str):
@@ -45,7 +41,7 @@ def cifar(cifar_uint8):
 @pytest.fixture(scope="session")
 def victim20():
     torch = pytest.importorskip("torch")
-    _need(shared_dir() / "models" / "resnet20-12fca82f.th", "ResNet-20 weights")
+    _need(sources.shared_dir() / "models" / "resnet20-12fca82f.th", "ResNet-20 weights")
     from zeropur_export.victims.zoo import load_victim
     torch.set_num_threads(2)
     return load_victim("resnet20")
@@ -54,7 +50,7 @@ def victim20():
 @pytest.fixture(scope="session")
 def victim56():
     pytest.importorskip("torch")
-    _need(shared_dir() / "models" / "resnet56-4bfd9763.th", "ResNet-56 weights")
+    _need(sources.shared_dir() / "models" / "resnet56-4bfd9763.th", "ResNet-56 weights")
     from zeropur_export.victims.zoo import load_victim
     return load_victim("resnet56")
 

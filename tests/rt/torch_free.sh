@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-zeropur-export export resnet20 --out "$work/resnet20" --min-batch 1 --opt-batch 32 --max-batch 64 2>/dev/null
+zeropur-export export resnet20 --out "$work/resnet20" --min-batch 1 --opt-batch 32 --max-batch 64 \
+  >"$work/export.log" 2>&1 || { cat "$work/export.log"; exit 1; }
 python -m venv "$work/deploy"
 "$work/deploy/bin/pip" install -q ".[deploy,serve]" "pytest>=8" "hypothesis>=6.100" >"$work/pip.log" 2>&1 \
   || { cat "$work/pip.log"; exit 1; }
