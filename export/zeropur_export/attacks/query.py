@@ -19,6 +19,7 @@ median queries to success is taken over the images broken after query 1 (the cle
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
@@ -123,6 +124,27 @@ def hopskipjump(logits_of: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y:
     return q, closest
 
 
+def at_budget(row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished chunk read at this run's budget, or None where it cannot answer.
+
+    Neither attack's path depends on its budget (Square's schedule is not rescaled to it; HopSkipJump's only
+    stops it), so a run with budget B is the first B queries of a run with more. A chunk run with more queries
+    answers a smaller budget (a success after it becomes a failure, its distance unknown); one run with fewer
+    answers a larger budget only where it left no image standing. A chunk whose other settings differ is
+    returned as it is, for the ledger's check to refuse."""
+    have, want = row["params"].get("queries"), params["queries"]
+    same_else = {k: v for k, v in row["params"].items() if k != "queries"} == \
+        {k: v for k, v in json.loads(json.dumps(params)).items() if k != "queries"}
+    if not same_else or have == want:
+        return row
+    q = np.array(row["queries_to_success"])
+    if have < want:
+        return dict(row, params=params) if (q > 0).all() else None
+    late = q > want
+    return dict(row, params=params, queries_to_success=[int(v) for v in np.where(late, -1, q)],
+                distance=[None if cut else d for cut, d in zip(late, row["distance"])])
+
+
 def run_query_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray, y: np.ndarray, rows: np.ndarray,
                      seed: int, batch: int, quiet: bool) -> dict[str, Any]:
     """One query attack on (x, y), test rows ``rows``, against the purified system and the bare classifier, chunk
@@ -139,7 +161,8 @@ def run_query_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray,
         for a, b in chunks:
             start, stop = int(rows[a]), int(rows[b - 1]) + 1
             subset = None if stop - start == b - a else [int(r) for r in rows[a:b]]
-            row = ledger.get(f"{name}-{target}", start, stop, params, subset)
+            row = ledger.get(f"{name}-{target}", start, stop, params, subset,
+                             adapt=lambda r: at_budget(r, params))
             if row is None:
                 pur.reseed(seed + start)
                 t0 = time.perf_counter()

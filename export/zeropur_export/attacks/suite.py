@@ -228,13 +228,16 @@ class Ledger:
     def _path(self, attack: str, start: int, stop: int) -> Path:
         return self.root / attack / f"{start:06d}-{stop:06d}.json"
 
-    def get(self, attack: str, start: int, stop: int, params: dict[str, Any],
-            rows: list[int] | None = None) -> dict[str, Any] | None:
-        """A finished chunk, or None. ``rows``: the chunk's rows where they are not all of start:stop."""
+    def get(self, attack: str, start: int, stop: int, params: dict[str, Any], rows: list[int] | None = None,
+            adapt: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None) -> dict[str, Any] | None:
+        """A finished chunk, or None. ``rows``: the chunk's rows where they are not all of start:stop. ``adapt``
+        reads a chunk made with other settings as one made with ``params`` where it can (None: run it again)."""
         f = self._path(attack, start, stop)
         if not f.exists():
             return None
         row = json.loads(f.read_text())
+        if adapt is not None and (row := adapt(row)) is None:
+            return None
         if row.get("params") != json.loads(json.dumps(params)):
             raise ValueError(f"{f} was made with other {attack} settings ({row.get('params')} vs {params}); "
                              "pass --fresh to start over, or another --out")
