@@ -29,7 +29,8 @@ after purification; the worst-case rows ask that of every attack (AutoAttack's p
 every earlier one (and the clean image) left robust, so the worst case over the whole set reaches
 hundreds of images on a CPU; its per-attack figures are cumulative, not standalone.
 Chunks of ``--batch`` images are kept as they finish (``<out>/state``): rerun the same command to
-resume, ``--fresh`` to start over. JSON + markdown are written atomically at the end of each model.
+resume, ``--fresh`` to start over (a query attack's chunks also answer another ``--queries``: see
+``zeropur_export.attacks.query.at_budget``). JSON + markdown are written atomically at the end of each model.
 """
 from __future__ import annotations
 
