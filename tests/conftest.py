@@ -14,6 +14,18 @@ import pytest
 from zeropur_rt import sources
 
 
+@pytest.fixture(autouse=True)
+def _zeropur_environment_unchanged():
+    """A test that leaves a ``ZEROPUR_*`` variable changed (``--download`` sets one for the rest of the process)
+    breaks whatever test its worker runs next, and that order differs from run to run under pytest-xdist: the
+    test that leaked fails here instead, by name. Runs after monkeypatch's undo."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("ZEROPUR_")}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith("ZEROPUR_")}
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"this test left {changed} changed in os.environ: set them through monkeypatch"
+
+
 def cifar10_test_path() -> Path:
     return sources.shared_dir() / "data" / sources.CIFAR10_NPZ
 

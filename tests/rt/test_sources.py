@@ -84,9 +84,10 @@ def mirror(official_files, tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     for k, v in {"ZEROPUR_SOURCES": tmp_path / "table.json", "ZEROPUR_CACHE": tmp_path / "cache",
                  "ZEROPUR_SHARED": tmp_path / "no_shared",
-                 "ZEROPUR_MIRROR": f"http://127.0.0.1:{server.server_address[1]}"}.items():
-        monkeypatch.setenv(k, str(v))
-    for k in ("ZEROPUR_DATA", "ZEROPUR_WEIGHTS", "ZEROPUR_DOWNLOAD"):
+                 "ZEROPUR_MIRROR": f"http://127.0.0.1:{server.server_address[1]}",
+                 "ZEROPUR_DOWNLOAD": "0"}.items():  # set, not deleted: monkeypatch restores only what it saw set,
+        monkeypatch.setenv(k, str(v))               # and allow_download() below must not outlive the test
+    for k in ("ZEROPUR_DATA", "ZEROPUR_WEIGHTS"):
         monkeypatch.delenv(k, raising=False)
     yield dict(x=x, y=y, www=www, table=table, cache=tmp_path / "cache", port=server.server_address[1])
     server.shutdown()
