@@ -148,3 +148,44 @@ def test_eval_reads_finished_chunks_at_another_budget(art20, tmp_path, capsys):
     capsys.readouterr()
     assert square("small", 150, "--p-init", "0.5") == 2
     assert "other square-purified settings" in capsys.readouterr().err  # only the budget may differ
+
+
+def test_hopskipjump_chunks_resume_image_by_image(art20, tmp_path, monkeypatch, capsys):
+    """HopSkipJump writes each image's result as it finishes, and a chunk stopped part way runs only its
+    unfinished images: the entries equal a ``--batch 1`` run's (each image seeded by its row, whatever its
+    chunk), and the resumed report equals the uninterrupted one. A randomised purifier's chunks run whole."""
+    def hsj(out: str, batch: int, *extra: str) -> dict:
+        assert main(["eval", "--artifacts", str(art20), "--rows", "0:4", "--batch", str(batch), "--attacks",
+                     "hopskipjump", "--queries", "150", "--seed", "4", "--out", str(tmp_path / out), "--quiet",
+                     "--threads", "2", "--set", "gs_steps=1", "ap_steps=1", *extra]) == 0, capsys.readouterr().err
+        rows = json.loads((tmp_path / out / "eval.json").read_text())["attacks"]
+        return next(r for r in rows if r["attack"] == "hopskipjump")
+
+    def entries(out: str) -> dict:
+        return {f.relative_to(tmp_path / out).as_posix(): {k: v for k, v in json.loads(f.read_text()).items()
+                                                           if k != "attack_s"}
+                for f in sorted((tmp_path / out / "state").glob("hopskipjump-*/*.json"))}
+
+    whole = hsj("whole", 4)
+    one_by_one = entries("whole")
+    assert len(one_by_one) == 2 * 5  # per target: the chunk and its four images
+    hsj("single", 1)
+    single = entries("single")
+    assert len(single) == 2 * 4
+    for name, entry in single.items():
+        assert one_by_one[name]["queries_to_success"] == entry["queries_to_success"], name
+        assert one_by_one[name]["distance"] == entry["distance"], name
+    state = tmp_path / "whole" / "state"
+    for target in ("purified", "bare"):
+        (state / f"hopskipjump-{target}" / "000000-000004.json").unlink()
+        (state / f"hopskipjump-{target}" / "000002-000003.json").unlink()
+    attacked = []
+    run = qa.hopskipjump
+    monkeypatch.setattr(qa, "hopskipjump", lambda *a, **k: attacked.append(len(a[1])) or run(*a, **k))
+    resumed = hsj("whole", 4)
+    assert attacked == [1, 1]  # image 2, once per target
+    for key in ("queries_to_success", "queries_to_success_bare", "budgets"):
+        assert resumed[key] == whole[key]
+    attacked.clear()
+    hsj("random", 4, "random_start=true")
+    assert attacked == [4, 1, 1, 1, 1]  # the randomised system's chunk whole; the bare classifier's by image

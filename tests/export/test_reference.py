@@ -21,8 +21,9 @@ def x64(cifar):
 
 @pytest.fixture(scope="module")
 def lean_vs_recompute(victim20, x64):
-    lean = ReferencePurifier(victim20, CFG, "lean").purify(x64)
-    rec = ReferencePurifier(victim20, CFG, "recompute").purify(x64)
+    # 32 images, a whole purification per formulation; the teacher-forced test below checks AP gradients by step
+    lean = ReferencePurifier(victim20, CFG, "lean").purify(x64[:32])
+    rec = ReferencePurifier(victim20, CFG, "recompute").purify(x64[:32])
     return lean, rec
 
 
@@ -30,7 +31,7 @@ def test_lean_and_recompute_ap_agree_end_to_end(victim20, lean_vs_recompute):
     lean, rec = lean_vs_recompute
     same_pred = (victim20(lean).argmax(1) == victim20(rec).argmax(1)).float().mean().item()
     same_px = (lean == rec).float().mean().item()
-    print(f"\nlean vs recompute on 64 images: identical predictions {same_pred:.4f}, identical pixels {same_px:.4f}")
+    print(f"\nlean vs recompute on 32 images: identical predictions {same_pred:.4f}, identical pixels {same_px:.4f}")
     assert same_pred == 1.0
     assert same_px >= 0.95
 
@@ -106,7 +107,7 @@ def test_deterministic_on_cpu(victim20, x64):
 
 def test_purified_stays_in_eps_ball_and_unit_box(victim20, lean_vs_recompute, x64):
     lean, _ = lean_vs_recompute
-    assert float((lean - x64).abs().max()) <= CFG.eps + 1e-7
+    assert float((lean - x64[:32]).abs().max()) <= CFG.eps + 1e-7
     assert float(lean.min()) >= 0 and float(lean.max()) <= 1
 
 
