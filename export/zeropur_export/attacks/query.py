@@ -153,31 +153,33 @@ def run_query_attack(name: str, crafter: Crafter, ledger: Ledger, x: np.ndarray,
     params: dict[str, Any] = dict(queries=o.queries, eps=crafter.eps, backend=o.backend)
     params.update(dict(p_init=o.p_init, loss="margin") if name == "square" else dict(hsj=dict(HSJ, norm="inf")))
     out: dict[str, Any] = {}
+    chunks = [(i, min(len(x), i + batch)) for i in range(0, len(x), batch)]
     for target in TARGETS:
         logits_of = _oracle(pur, target)
-        chunks = [(i, min(len(x), i + batch)) for i in range(0, len(x), batch)]
         parts, resumed = [], 0
         bar = progress(None, f"{name} {target}", total=len(x) * o.queries, enabled=not quiet)
+        # HopSkipJump's images are independent where the system answers each alone (see _image_by_image)
+        by_image = name == "hopskipjump" and (target == "bare" or not pur.cfg.randomised)
+
+        def attack(a: int, b: int, chunk_seed: int) -> dict[str, Any]:
+            pur.reseed(chunk_seed)
+            t0 = time.perf_counter()
+            if name == "square":
+                q, dist = square(logits_of, x[a:b], y[a:b], crafter.eps, o.queries, chunk_seed, o.p_init, bar)
+            else:
+                q, dist = hopskipjump(logits_of, x[a:b], y[a:b], crafter.eps, o.queries, chunk_seed,
+                                      pur.max_batch, crafter.k, bar)
+            # distance: square, the L-inf of its best point; HopSkipJump, the smallest L-inf of a query labelled wrong
+            return dict(params=params, seed=chunk_seed, attack_s=time.perf_counter() - t0,
+                        queries_to_success=[int(v) for v in q],
+                        distance=[float(v) if np.isfinite(v) else None for v in dist])
         for a, b in chunks:
             start, stop = int(rows[a]), int(rows[b - 1]) + 1
             subset = None if stop - start == b - a else [int(r) for r in rows[a:b]]
             row = ledger.get(f"{name}-{target}", start, stop, params, subset,
                              adapt=lambda r: at_budget(r, params))
             if row is None:
-                def attack(a: int, b: int, chunk_seed: int) -> dict[str, Any]:
-                    pur.reseed(chunk_seed)
-                    t0 = time.perf_counter()
-                    if name == "square":
-                        q, dist = square(logits_of, x[a:b], y[a:b], crafter.eps, o.queries, chunk_seed, o.p_init, bar)
-                    else:
-                        q, dist = hopskipjump(logits_of, x[a:b], y[a:b], crafter.eps, o.queries, chunk_seed,
-                                              pur.max_batch, crafter.k, bar)
-                    # distance: square, the L-inf of its best point; HopSkipJump, the smallest L-inf of a query
-                    # labelled wrong
-                    return dict(params=params, seed=chunk_seed, attack_s=time.perf_counter() - t0,
-                                queries_to_success=[int(v) for v in q],
-                                distance=[float(v) if np.isfinite(v) else None for v in dist])
-                if name == "hopskipjump" and subset is None and (target == "bare" or not pur.cfg.randomised):
+                if by_image and subset is None:
                     row = _image_by_image(attack, ledger, f"{name}-{target}", rows, a, b, seed + start, params, bar)
                 else:
                     row = attack(a, b, seed + start)
